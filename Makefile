@@ -1,0 +1,36 @@
+# compartment — make demo | make test | make bench | make hostile | make soak | make lint
+# Debian's interpreter, not a per-user one: MTAs run compartment as unprivileged users
+# (Postfix pipe user=, qmail-local), who must be able to execute the venv's python.
+PYTHON ?= /usr/bin/python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup venv demo test lint bench hostile soak clean
+
+# Debian packages: libcap-dev builds python-prctl; libseccomp2 is what pyseccomp loads;
+# gcc/libc6-dev build the static probe agents of the tests.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ "$$(id -u)" = 0 ] && ! dpkg -s libcap-dev libseccomp2 gcc libc6-dev python3-venv python3-dev >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			libcap-dev libseccomp2 gcc libc6-dev python3-venv python3-dev >/dev/null; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: setup
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check compartment tests bench examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

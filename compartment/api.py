@@ -1,0 +1,168 @@
+"""compartment.run(): one confined run, from argv and a policy to a Result.
+
+This is the outermost layer of the library, so it holds the one catch-all: whatever goes wrong
+inside becomes an internal-error Result with a temporary-failure status, never an exception that
+would let a calling MTA bounce or lose the message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import select
+import signal
+import termios
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
+from compartment.policy import Policy
+from compartment.report import Result, append
+from compartment.supervisor import ConfigError, Prepared, supervise
+from compartment.watch import DIAGNOSTIC_BYTES, Watch
+
+Stream = int | IO[bytes] | IO[str]
+_KILLED = {"timeout": Outcome.TIMEOUT, "output-limit": Outcome.OUTPUT_LIMIT,
+           "violation": Outcome.VIOLATION, "caller": Outcome.INTERNAL_ERROR}
+UNREAD = "agent exited 0 without reading the whole message"
+
+
+def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Stream = 1,
+        stderr: Stream = 2, env: Mapping[str, str] | None = None,
+        exit_codes: str = "sysexits", agent_exit_codes: str | None = None,
+        report: str | None = None) -> Result:
+    """Run argv confined by policy; the message is read from stdin by the agent itself."""
+    caller = Convention(exit_codes)
+    agent = Convention(agent_exit_codes or policy.exit.agent_codes)
+    fds = (_fileno(stdin), _fileno(stdout), _fileno(stderr))
+    started = time.monotonic()
+    watch: Watch | None = None
+    try:
+        watch, prepared = supervise(argv, policy, fds, env)
+        result = _classify(watch, prepared, policy, argv, caller, agent)
+    except ConfigError as err:
+        result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
+    except Exception as err:  # noqa: BLE001 - the one catch-all: a bug here must not bounce mail
+        result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
+                         policy.name, argv, caller, started)
+    finish(result, fds[2], bytes(watch.diagnostics) if watch else b"",
+           report or policy.report.path, caller)
+    return result
+
+
+def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str],
+            caller: Convention, started: float, permanent: bool = False) -> Result:
+    """A Result for a run whose agent never started (or whose end we could not observe)."""
+    return Result(outcome=outcome, exit_status=runner_status(caller, permanent), reason=reason,
+                  policy=policy_name, program=argv[0] if argv else "", argv=tuple(argv),
+                  uid=None, agent_status=None, agent_signal=None, denied_syscall=None,
+                  cpu_s=0.0, wall_s=round(time.monotonic() - started, 6), peak_memory_bytes=0,
+                  bytes_in=None, bytes_out=0)
+
+
+def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path: str,
+           caller: Convention) -> None:
+    """Tell the caller: the reason line first (MTAs read the first line), then what the agent
+    said, all under 4 KiB; then the report line."""
+    text = b""
+    if result.outcome not in (Outcome.OK, Outcome.AGENT_FAILED) or _unread(result):
+        permanent = result.exit_status in (77, 100)
+        text = diagnostic_line(result.outcome, result.reason, caller, permanent).encode()
+    text = (text + agent_diagnostics)[:DIAGNOSTIC_BYTES - 1]
+    if report_path:
+        problem = append(report_path, result)
+        if problem:
+            text = text[:DIAGNOSTIC_BYTES - 200] + f"compartment: {problem}\n".encode()[:200]
+    _write_all(stderr_fd, text)
+
+
+def _unread(result: Result) -> bool:
+    return result.reason == UNREAD
+
+
+def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[str],
+              caller: Convention, agent: Convention) -> Result:
+    usage = watch.rusage or resource.struct_rusage((0.0,) * 16)
+    cpu_s = usage.ru_utime + usage.ru_stime
+    outcome, reason, code, signum = _outcome(watch, policy, cpu_s)
+    stdin_fd, offset = prepared.stdin_fd, prepared.stdin_offset
+    if outcome is Outcome.OK and policy.exit.require_full_read and \
+            not _fully_read(stdin_fd, offset):
+        # Postfix and Exim would record the message as delivered: keep it instead.
+        outcome, reason = Outcome.AGENT_FAILED, UNREAD
+        status = runner_status(caller)
+    elif outcome in (Outcome.OK, Outcome.AGENT_FAILED):
+        status = translate(code or 0, agent, caller)
+    else:
+        status = runner_status(caller, outcome is Outcome.VIOLATION
+                               and policy.exit.violation == "permanent")
+    bytes_in = None if offset is None else os.lseek(stdin_fd, 0, os.SEEK_CUR) - offset
+    return Result(outcome=outcome, exit_status=status, reason=reason, policy=policy.name,
+                  program=prepared.plan.program, argv=tuple(argv), uid=prepared.plan.uid,
+                  agent_status=code, agent_signal=signum, denied_syscall=watch.denied_syscall,
+                  cpu_s=round(cpu_s, 6), wall_s=round(watch.ended - watch.started, 6),
+                  peak_memory_bytes=usage.ru_maxrss * 1024, bytes_in=bytes_in,
+                  bytes_out=watch.bytes_out)
+
+
+def _outcome(watch: Watch, policy: Policy,
+             cpu_s: float) -> tuple[Outcome, str, int | None, int | None]:
+    """(outcome, reason, agent exit status, agent signal) from what the watch saw."""
+    status = watch.wait_status
+    signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    limits = policy.limits
+    if watch.setup_error:
+        internal = watch.setup_error.step == "internal"
+        return (Outcome.INTERNAL_ERROR if internal else Outcome.CONFIG_ERROR,
+                f"cannot start the agent: {watch.setup_error.text()}", None, None)
+    if watch.killed_for:
+        reason = {"timeout": f"timed out after {limits.wall_timeout_s:g} s",
+                  "output-limit": f"wrote more than {limits.output_bytes} bytes of output",
+                  "violation": f"seccomp violation: {watch.denied_syscall} is not allowed",
+                  "caller": watch.caller_error}[watch.killed_for]
+        return _KILLED[watch.killed_for], reason, None, signum
+    if signum is not None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGSYS:
+            return (Outcome.VIOLATION, "killed by the seccomp filter (a syscall of another "
+                    "ABI such as i386 or x32)", None, signum)
+        if signum == signal.SIGXCPU or (signum == signal.SIGKILL and
+                                        cpu_s >= limits.cpu_seconds):
+            return (Outcome.CPU_LIMIT, f"used its {limits.cpu_seconds} s of CPU", None, signum)
+        if signum == signal.SIGXFSZ:
+            return (Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past "
+                    f"{limits.file_bytes} bytes", None, signum)
+        return Outcome.SIGNAL, f"killed by {name}", None, signum
+    if code == 0:
+        return Outcome.OK, "delivered", 0, None
+    return Outcome.AGENT_FAILED, f"agent exited with status {code}", code, None
+
+
+def _fully_read(fd: int, offset: int | None) -> bool:
+    """Did the agent consume all of stdin?  A file: the offset reached its end.  A pipe: no
+    byte is waiting and the writer has closed it."""
+    if offset is not None:
+        return os.lseek(fd, 0, os.SEEK_CUR) >= os.fstat(fd).st_size
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = dict(poller.poll(0)).get(fd, 0)
+    if not events & (select.POLLIN | select.POLLHUP):
+        return False  # the writer is still there with more to send
+    waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(waiting, "little") == 0
+
+
+def _fileno(stream: Stream) -> int:
+    return stream if isinstance(stream, int) else stream.fileno()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        return  # the caller closed stderr: the exit status and the report still tell

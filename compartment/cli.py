@@ -1,0 +1,128 @@
+"""The compartment command: a thin layer over the Python API.
+
+    compartment run [-p POLICY] [--exit-codes sysexits|qmail] [--agent-exit-codes sysexits|qmail]
+                    [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
+    compartment check [-p POLICY] [--set KEY=VALUE]...
+    compartment policies
+
+`run` is what an MTA executes, so even a usage error must not exit 2 (Postfix would bounce the
+message): every failure of the command line itself is a temporary failure in the caller's
+convention, with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from compartment.exits import Convention, Outcome, runner_status
+
+EX_CONFIG = 78  # `check` is not on a delivery path: sysexits' configuration error
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="compartment", description="Run a mail agent confined by the kernel.")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
+    check = commands.add_parser("check", help="validate a policy and print it resolved")
+    commands.add_parser("policies", help="list the shipped policies")
+    for sub in (run, check):
+        sub.add_argument("-p", "--policy", default="filter",
+                         help="a shipped policy name or a TOML file (default: filter)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one policy key, e.g. limits.cpu_seconds=10")
+    run.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
+                     help="the exit-status convention of the caller (default: sysexits)")
+    run.add_argument("--agent-exit-codes", choices=("sysexits", "qmail"),
+                     help="the convention the agent speaks (default: the policy's)")
+    run.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
+    run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(args_list)
+    except UsageError as err:
+        return _usage_failure(args_list, str(err))
+    if args.command == "policies":
+        return _policies()
+    if args.command == "check":
+        return _check(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compartment.api import failure, finish, run
+    from compartment.policy import Policy, PolicyError
+
+    caller = Convention(args.exit_codes)
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    started = time.monotonic()
+    if not program:
+        return _usage_failure(["--exit-codes", args.exit_codes], "compartment run: no PROGRAM "
+                              "given (compartment run [OPTIONS] -- PROGRAM [ARG...])")
+    try:
+        policy = Policy.load(args.policy, args.set)
+    except PolicyError as err:
+        result = failure(Outcome.CONFIG_ERROR, f"policy: {err}", args.policy, program, caller,
+                         started)
+        finish(result, 2, b"", args.report or "", caller)
+        return result.exit_status
+    result = run(program, policy, exit_codes=caller, agent_exit_codes=args.agent_exit_codes,
+                 report=args.report)
+    return result.exit_status
+
+
+def _check(args: argparse.Namespace) -> int:
+    from compartment.confine.seccomp import FilterError, compile_filter
+    from compartment.policy import Policy, PolicyError
+
+    try:
+        policy = Policy.load(args.policy, args.set)
+        compiled = compile_filter(policy.seccomp, policy.network)
+    except (PolicyError, FilterError) as err:
+        print(f"compartment check: {err}", file=sys.stderr)
+        return EX_CONFIG
+    sys.stdout.write(policy.to_toml())
+    print(f"# seccomp: {len(compiled.bpf) // 8} BPF instructions")
+    return 0
+
+
+def _policies() -> int:
+    from compartment.policy import shipped
+
+    for name, description in shipped().items():
+        print(f"{name:10} {description}")
+    return 0
+
+
+def _usage_failure(args_list: Sequence[str], message: str) -> int:
+    caller = Convention.QMAIL if _wants_qmail(args_list) else Convention.SYSEXITS
+    prefix = "" if caller is Convention.QMAIL else "4.3.5 "
+    print(f"{prefix}{message}", file=sys.stderr)
+    if args_list[:1] in (["check"], ["policies"]):
+        return EX_CONFIG
+    return runner_status(caller)
+
+
+def _wants_qmail(args_list: Sequence[str]) -> bool:
+    for i, arg in enumerate(args_list):
+        if arg == "--":
+            break
+        if arg == "--exit-codes=qmail" or (arg == "--exit-codes" and
+                                           args_list[i + 1:i + 2] == ["qmail"]):
+            return True
+    return False

@@ -1,0 +1,111 @@
+"""Confinement: the child-side steps, in one fixed order, each fatal on failure.
+
+`enter` is the whole story of the child, from the clone() that made it in new namespaces to the
+execve() of the agent.  The order, and why:
+
+1. namespaces    user-namespace id maps (unprivileged), hostname: first, everything below
+                 happens inside them.
+2. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
+3. capabilities  bounding set emptied, securebits locked: needs CAP_SETPCAP, also before the
+   (restrict)    ids change.
+4. credentials   groups, gid, uid, read back; the uid change clears the capability sets.
+5. capabilities  every set cleared and verified empty.
+   (drop_all)
+6. rlimits       CPU, file size, processes, core: lowering needs no privilege.
+7. session       setsid, signal dispositions and mask reset, parent-death signal (after the uid
+                 change, which clears it).
+8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
+9. seccomp       last security step, so the filter need not allow any of the above.
+10. descriptors  listener handed to the supervisor, 0/1/2 and extras placed, the rest close on
+                 exec.
+11. rlimits      descriptors and address space, which the setup itself needed, then every limit
+   (late)        read back.
+12. exec         the program, by path, with the policy's environment; argv is a list, no shell.
+
+A failing step raises SetupError; `run_child` sends it to the supervisor as one fixed-size record
+on the status socket and exits 127.  Nothing here returns into the supervisor's code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import prctl
+
+from compartment import syscalls
+from compartment.confine import (
+    capabilities,
+    credentials,
+    descriptors,
+    filesystem,
+    namespaces,
+    rlimits,
+    seccomp,
+    session,
+)
+from compartment.confine.errors import SetupError, fail
+
+CHILD_FAILED = 127
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the child needs, computed by the supervisor before clone."""
+
+    unprivileged: bool
+    uid: int
+    gid: int
+    filesystem: filesystem.Plan
+    last_cap: int
+    rlimits: rlimits.Rlimits
+    seccomp: syscalls.PreparedFilter
+    handed: Sequence[tuple[int, int]]  # (target fd in the agent, source fd in the supervisor)
+    program: str
+    argv: Sequence[str]
+    env: dict[str, str]
+
+
+def enter(plan: Plan, status: socket.socket) -> None:
+    """Child, just cloned into new namespaces, privileged there; returns only by raising."""
+    namespaces.enter(plan.unprivileged, plan.uid, plan.gid)
+    filesystem.enter(plan.filesystem)
+    capabilities.restrict(plan.last_cap)
+    credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
+    capabilities.drop_all(plan.last_cap)
+    rlimits.enter(plan.rlimits)
+    session.enter()
+    _no_new_privs()
+    listener = seccomp.enter(plan.seccomp)
+    descriptors.enter(plan.handed, listener, status)
+    rlimits.enter_late(plan.rlimits)
+    try:
+        os.execve(plan.program, list(plan.argv), plan.env)
+    except OSError as err:
+        raise fail("exec", "execve", err, plan.program) from None
+
+
+def run_child(plan: Plan, status: socket.socket) -> None:
+    """The child's outermost frame: report any failure, never return to the caller's code."""
+    try:
+        enter(plan, status)
+        raise SetupError("exec", "execve", 0, "returned")
+    except SetupError as err:
+        record = err.pack()
+    except BaseException as err:  # noqa: BLE001 - anything else is an internal error, reported
+        record = SetupError("internal", type(err).__name__, 0, str(err)).pack()
+    try:
+        status.send(record)
+    finally:
+        os._exit(CHILD_FAILED)
+
+
+def _no_new_privs() -> None:
+    try:
+        prctl.set_no_new_privs(1)
+    except OSError as err:
+        raise fail("no_new_privs", "prctl", err) from None
+    if prctl.get_no_new_privs() != 1:
+        raise SetupError("no_new_privs", "prctl", 0, "not set after PR_SET_NO_NEW_PRIVS")

@@ -1,0 +1,166 @@
+"""Filesystem: a new root built from nothing, then pivot_root into it.
+
+Parent side (`plan`): decide what the agent will see — for a "system" root the read-only system
+directories and the listed /etc files, then the declared readable and writable paths, the program
+itself when nothing else shows it, the devices, a private /tmp.  Paths the administrator named
+must exist; optional /etc files that this machine lacks are left out.
+
+Child side (`enter`), in the new mount namespace, privileged: stop mount propagation, open every
+source first (the staging tmpfs at /tmp would hide sources below /tmp), build the tree on a small
+tmpfs, make it read-only, pivot_root into it and detach the old root.  Every bind is remounted
+nosuid and nodev; read-only binds keep the flags the kernel locks (noexec, atime) in a user
+namespace, or the remount would fail.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from compartment import syscalls
+from compartment.confine.errors import fail
+from compartment.policy import Filesystem
+
+STEP = "filesystem"
+STAGE = "/tmp"
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+
+_PRESERVED = ((os.ST_NOEXEC, syscalls.MS_NOEXEC), (os.ST_NOATIME, syscalls.MS_NOATIME),
+              (os.ST_NODIRATIME, syscalls.MS_NODIRATIME), (os.ST_RELATIME, syscalls.MS_RELATIME))
+
+
+class PlanError(Exception):
+    """A path named by the policy cannot be shown: a configuration error, nothing runs."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "ro", "rw", "dev" (bind mounts) or "symlink"
+    target: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    entries: tuple[Entry, ...]
+    tmp_bytes: int
+    proc: bool
+
+
+def plan(policy: Filesystem, program: str) -> Plan:
+    """Parent side: the list of what the new root holds, checked against this machine."""
+    entries: list[Entry] = []
+    if policy.root == "system":
+        for path in SYSTEM_DIRS:
+            if os.path.islink(path):
+                entries.append(Entry("symlink", path, os.readlink(path)))
+            elif os.path.isdir(path):
+                entries.append(Entry("ro", path, path))
+        entries += [Entry("ro", f"/etc/{name}", f"/etc/{name}") for name in policy.etc
+                    if os.path.exists(f"/etc/{name}")]
+    for kind, paths in (("ro", policy.readable), ("rw", policy.writable)):
+        for path in paths:
+            if not os.path.exists(path):
+                raise PlanError(f"filesystem: {path}: no such file or directory")
+            if kind == "rw" and not os.path.isdir(path):
+                raise PlanError(f"filesystem.writable: {path}: not a directory")
+            entries.append(Entry(kind, path, path))
+    if not any(_covers(e, program) for e in entries):
+        entries.append(Entry("ro", program, program))
+    entries += [Entry("dev", f"/dev/{name}", f"/dev/{name}") for name in policy.devices]
+    return Plan(tuple(entries), policy.tmp_bytes, policy.proc)
+
+
+def _covers(entry: Entry, path: str) -> bool:
+    if entry.kind == "symlink":  # /bin -> usr/bin: the program is reachable if usr/bin is shown
+        return path.startswith(entry.target + "/")
+    return path == entry.target or path.startswith(entry.target.rstrip("/") + "/")
+
+
+def enter(fs: Plan) -> None:
+    """Child side: build the root and pivot into it.  Needs CAP_SYS_ADMIN in the mount ns."""
+    _mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    sources = {e.source: _open_path(e.source) for e in fs.entries if e.kind != "symlink"}
+    _mount("tmpfs", STAGE, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
+           "size=1m,nr_inodes=4096,mode=0755")
+    if fs.tmp_bytes:  # first, so that declared paths below /tmp are shown on top of it
+        _make_dir(STAGE + "/tmp")
+        _mount("tmpfs", STAGE + "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
+               f"size={fs.tmp_bytes},mode=1777")
+    for entry in fs.entries:
+        if entry.kind == "symlink":
+            _make_parents(entry.target)
+            _call("symlink", entry.target, os.symlink, entry.source, STAGE + entry.target)
+        else:
+            _bind(entry, sources[entry.source])
+    if fs.proc:
+        _make_dir(STAGE + "/proc")
+        _mount("proc", STAGE + "/proc", "proc",
+               syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    _mount(None, STAGE, None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY | syscalls.MS_NOSUID
+           | syscalls.MS_NODEV)
+    _pivot()
+
+
+def _bind(entry: Entry, source_fd: int) -> None:
+    target = STAGE + entry.target
+    _make_parents(entry.target)
+    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
+        _make_dir(target)
+    else:
+        _call("mknod", target, lambda: os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)))
+    # Bind through the O_PATH descriptor: the path opened in the parent's view is the one shown,
+    # even though the staging tmpfs now covers /tmp.
+    _mount(f"/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND)
+    os.close(source_fd)
+    if entry.kind == "dev":
+        return
+    flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | syscalls.MS_NODEV
+    if entry.kind == "ro":
+        flags |= syscalls.MS_RDONLY
+    locked = os.statvfs(target).f_flag
+    flags |= sum(ms for st, ms in _PRESERVED if locked & st)
+    _mount(None, target, None, flags)
+
+
+def _pivot() -> None:
+    # pivot_root(".", "."): the old root ends up stacked on the new one and is detached at once,
+    # so no path to the host's tree remains (pivot_root(2), "new_root and put_old may be the same").
+    _call("chdir", STAGE, os.chdir, STAGE)
+    try:
+        syscalls.pivot_root(".", ".")
+        syscalls.umount2(".", syscalls.MNT_DETACH)
+    except OSError as err:
+        raise fail(STEP, "pivot_root", err, STAGE) from None
+    _call("chdir", "/", os.chdir, "/")
+
+
+def _open_path(path: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as err:
+        raise fail(STEP, "open", err, path) from None
+
+
+def _make_parents(target: str) -> None:
+    _make_dir(STAGE + os.path.dirname(target))
+
+
+def _make_dir(path: str) -> None:
+    _call("mkdir", path, os.makedirs, path, 0o755, True)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    try:
+        syscalls.mount(source, target, fstype, flags, data)
+    except OSError as err:
+        raise fail(STEP, "mount", err, f"{source or ''} {target}".strip()) from None
+
+
+def _call(call: str, path: str, function: object, *args: object) -> None:
+    try:
+        function(*args)  # type: ignore[operator]
+    except OSError as err:
+        raise fail(STEP, call, err, path) from None

@@ -1,0 +1,53 @@
+"""Resource limits: CPU, address space, file size, descriptors, processes, no core dumps.
+
+Child side, unprivileged (lowering a limit needs no privilege).  Two of them would starve the
+setup itself — RLIMIT_NOFILE (the seccomp listener is a new descriptor) and RLIMIT_AS (the
+interpreter still allocates) — so `enter` sets the rest and `enter_late` sets those two just
+before exec, then reads every limit back.  RLIMIT_NPROC counts per uid and user namespace: with a
+pool uid or a new user namespace it bounds this compartment alone.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Sequence
+
+from compartment.confine.errors import SetupError, fail
+from compartment.policy import Limits
+
+STEP = "rlimits"
+_LATE = (resource.RLIMIT_NOFILE, resource.RLIMIT_AS)
+
+Rlimits = Sequence[tuple[int, int, int]]  # (resource, soft, hard)
+
+
+def plan(limits: Limits) -> Rlimits:
+    # The CPU soft limit sends SIGXCPU, which an agent may catch; the hard limit one second
+    # later kills it for good.
+    return ((resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
+            (resource.RLIMIT_FSIZE, limits.file_bytes, limits.file_bytes),
+            (resource.RLIMIT_NPROC, limits.processes, limits.processes),
+            (resource.RLIMIT_CORE, 0, 0),
+            (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
+            (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+
+
+def enter(rlimits: Rlimits) -> None:
+    _set([r for r in rlimits if r[0] not in _LATE])
+
+
+def enter_late(rlimits: Rlimits) -> None:
+    _set([r for r in rlimits if r[0] in _LATE])
+    for which, soft, hard in rlimits:
+        if resource.getrlimit(which) != (soft, hard):
+            raise SetupError(STEP, "getrlimit", 0, f"resource {which} is "
+                                                   f"{resource.getrlimit(which)}")
+
+
+def _set(rlimits: Rlimits) -> None:
+    for which, soft, hard in rlimits:
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError) as err:
+            raise fail(STEP, "setrlimit", err if isinstance(err, OSError) else 0,
+                       f"resource {which} to {soft}/{hard}") from None

@@ -1,0 +1,31 @@
+"""Session and signals: a new session with no controlling terminal, default dispositions.
+
+Child side.  setsid() leaves the caller's terminal behind, so TIOCSTI has nothing to inject into.
+MTAs start pipe commands with signals ignored (Exim ignores SIGHUP, SIGINT, SIGUSR1, SIGTERM;
+Python itself ignores SIGPIPE and SIGXFSZ) and ignored dispositions survive exec, so each is
+reset; the signal mask too.  The parent-death signal is set here, after the uid change, because
+changing credentials clears it; as pid 1 of the namespace its death takes every agent process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import prctl
+
+from compartment.confine.errors import fail
+
+STEP = "session"
+
+
+def enter() -> None:
+    try:
+        os.setsid()
+        for signum in signal.valid_signals():
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        prctl.set_pdeathsig(signal.SIGKILL)
+    except (OSError, ValueError) as err:
+        raise fail(STEP, "setsid", err if isinstance(err, OSError) else 0, str(err)) from None

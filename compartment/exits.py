@@ -1,0 +1,106 @@
+"""Outcomes and exit statuses: the never-lose-mail contract in one table.
+
+Two conventions exist.  qmail-local: 0 delivered, 99 delivered-and-stop, 100 (and 64, 65, 70,
+76, 77, 78, 112) permanent, anything else temporary.  sysexits.h (Postfix, Exim, Sendmail,
+OpenSMTPD): 0 delivered, 75 temporary; Postfix defers only on 71 and 75 and bounces the rest, so
+every failure that is not the message's fault must come out as 75, never 70 or 78.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    AGENT_FAILED = "agent-failed"
+    TIMEOUT = "timeout"
+    CPU_LIMIT = "cpu-limit"
+    MEMORY_LIMIT = "memory-limit"
+    OUTPUT_LIMIT = "output-limit"
+    VIOLATION = "violation"
+    SIGNAL = "signal"
+    CONFIG_ERROR = "config-error"
+    INTERNAL_ERROR = "internal-error"
+
+
+class Convention(StrEnum):
+    SYSEXITS = "sysexits"
+    QMAIL = "qmail"
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    QMAIL_OK_STOP = 99
+    QMAIL_PERMANENT = 100
+    QMAIL_TEMPORARY = 111
+    EX_OSERR = 71
+    EX_CANTCREAT = 73
+    EX_IOERR = 74
+    EX_TEMPFAIL = 75
+    EX_NOPERM = 77
+
+
+class Verdict(StrEnum):
+    SUCCESS = "success"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+_TEMPORARY = {Convention.SYSEXITS: ExitStatus.EX_TEMPFAIL,
+              Convention.QMAIL: ExitStatus.QMAIL_TEMPORARY}
+_PERMANENT = {Convention.SYSEXITS: ExitStatus.EX_NOPERM,
+              Convention.QMAIL: ExitStatus.QMAIL_PERMANENT}
+
+_QMAIL_PERMANENT_CODES = frozenset({64, 65, 70, 76, 77, 78, 100, 112})
+_SYSEXITS_TEMPORARY_CODES = frozenset({71, 73, 74, 75})
+_SYSEXITS_CODES = range(64, 79)
+
+# RFC 3463 enhanced status codes for the first stderr line of a runner-caused failure.
+_ENHANCED = {
+    Outcome.TIMEOUT: "4.4.7",
+    Outcome.VIOLATION: "4.7.0",
+    Outcome.CONFIG_ERROR: "4.3.5",
+}
+
+
+def runner_status(convention: Convention, permanent: bool = False) -> int:
+    """Exit status for a failure the runner saw (limits, violations, errors): temporary,
+    unless the policy opted this class into a bounce."""
+    return int((_PERMANENT if permanent else _TEMPORARY)[convention])
+
+
+def classify(code: int, convention: Convention) -> Verdict:
+    """What an agent meant by exiting with `code` in its own convention."""
+    if convention is Convention.QMAIL:
+        if code in (0, 99):
+            return Verdict.SUCCESS
+        return Verdict.PERMANENT if code in _QMAIL_PERMANENT_CODES else Verdict.TEMPORARY
+    if code == 0:
+        return Verdict.SUCCESS
+    if code in _SYSEXITS_CODES and code not in _SYSEXITS_TEMPORARY_CODES:
+        return Verdict.PERMANENT
+    # 71/73/74/75, and codes outside sysexits.h (1, 2, 126, 127…): a crash or a script's
+    # generic failure is not a verdict on the message, so the message is kept and retried.
+    return Verdict.TEMPORARY
+
+
+def translate(code: int, agent: Convention, caller: Convention) -> int:
+    """The status to hand the caller for an agent that exited with `code` by itself."""
+    verdict = classify(code, agent)
+    if agent is caller and (agent is Convention.QMAIL or code == 0 or code in _SYSEXITS_CODES):
+        return code
+    if verdict is Verdict.SUCCESS:
+        return int(ExitStatus.OK)
+    return int((_PERMANENT if verdict is Verdict.PERMANENT else _TEMPORARY)[caller])
+
+
+def diagnostic_line(outcome: Outcome, reason: str, convention: Convention,
+                    permanent: bool = False) -> str:
+    """The first stderr line for a runner-caused failure; Postfix and Exim read the code."""
+    if convention is Convention.QMAIL:
+        return f"compartment: {reason}\n"
+    code = _ENHANCED.get(outcome, "4.3.0")
+    if permanent:
+        code = "5" + code[1:]
+    return f"{code} compartment: {reason}\n"

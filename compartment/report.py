@@ -1,0 +1,60 @@
+"""The result of one run, and the report: one JSON object per line, the audit log.
+
+A report that cannot be written never changes the delivery outcome; the failure is returned so
+the caller can mention it on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from compartment.exits import Outcome
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    exit_status: int          # what the caller (the MTA) should exit with
+    reason: str               # one line for a human
+    policy: str
+    program: str
+    argv: tuple[str, ...]
+    uid: int | None           # the uid the agent ran as (None when it never started)
+    agent_status: int | None  # the agent's own exit status, when it exited by itself
+    agent_signal: int | None  # the signal that killed it
+    denied_syscall: str | None
+    cpu_s: float
+    wall_s: float
+    peak_memory_bytes: int    # ru_maxrss of the compartment, including its pre-exec image
+    bytes_in: int | None      # message bytes consumed; None when stdin is a pipe handed over
+    bytes_out: int            # stdout and stderr bytes the agent wrote
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def to_json(self) -> str:
+        record = {"time": round(time.time(), 3), **asdict(self)}
+        record["outcome"] = str(self.outcome)
+        return json.dumps(record, separators=(",", ":"))
+
+
+def append(path: str, result: Result) -> str | None:
+    """Append the run's line to `path`; returns why it could not, or None."""
+    line = (result.to_json() + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as err:
+        return f"report {path}: {err.strerror}"
+    try:
+        # One write of the whole line: O_APPEND places it atomically, so concurrent
+        # compartments sharing one report file do not interleave their lines.
+        written = os.write(fd, line)
+        return None if written == len(line) else f"report {path}: short write"
+    except OSError as err:
+        return f"report {path}: {err.strerror}"
+    finally:
+        os.close(fd)

@@ -1,0 +1,157 @@
+"""The supervisor: prepares, clones the confined child, watches it, and turns what happened into
+an outcome and an exit status.  Trusted, privileged when run as root; it parses nothing that the
+message or the agent produced beyond fixed-size records (a setup-failure record from the child,
+a seccomp notification from the kernel) and the wait status.
+
+Life cycle of one run (all in one thread, which is required for clone()):
+prepare (policy -> plan, uid lease, compiled filter, pipes) -> clone -> watch (pidfd, status
+socket, seccomp listener, output pipes, deadline) -> reap -> classify -> report.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+import stat
+from dataclasses import dataclass, replace
+
+from compartment import syscalls, uidpool
+from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, seccomp
+from compartment.policy import Policy
+from compartment.watch import Watch
+
+
+class ConfigError(Exception):
+    """The run cannot start as configured: nothing is executed, the message is kept."""
+
+
+@dataclass
+class Prepared:
+    plan: Plan
+    compiled: seccomp.CompiledFilter
+    lease: uidpool.Lease | None
+    stdin_fd: int
+    stdin_offset: int | None  # None when stdin is not a regular file
+
+
+def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
+            env: Mapping[str, str] | None) -> Prepared:
+    """Parent side, before clone: everything the child needs, checked here where errors are
+    cheap and precise."""
+    if not argv:
+        raise ConfigError("no program given")
+    stdin_fd = fds[0]
+    stdin_offset = _stdin_offset(stdin_fd)
+    agent_env = dict(policy.environment.set)
+    source_env = os.environ if env is None else env
+    agent_env.update((name, source_env[name]) for name in policy.environment.pass_
+                     if name in source_env)
+    program = _resolve(argv[0], agent_env.get("PATH", "/usr/bin:/bin"))
+    for fd in policy.descriptors.pass_:
+        _require_open(fd, f"descriptors.pass: descriptor {fd}")
+    unprivileged = os.geteuid() != 0
+    lease = None
+    try:
+        fs = filesystem.plan(policy.filesystem, program)
+        uid, gid, lease = _identity(policy, unprivileged)
+        compiled = seccomp.compile_filter(policy.seccomp, policy.network)
+    except (filesystem.PlanError, seccomp.FilterError, uidpool.PoolExhausted) as err:
+        if lease:
+            lease.release()
+        raise ConfigError(str(err)) from None
+    plan = Plan(unprivileged=unprivileged, uid=uid, gid=gid, filesystem=fs,
+                last_cap=syscalls.cap_last_cap(), rlimits=rlimits.plan(policy.limits),
+                seccomp=compiled.prepare(), handed=(), program=program, argv=tuple(argv),
+                env=agent_env)
+    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset)
+
+
+def spawn(plan: Plan) -> tuple[int, socket.socket]:
+    """Clone the child into its namespaces; returns its pid and our end of the status socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # No garbage collection may run a finaliser between clone and exec in the child.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged))
+        if pid == 0:
+            ours.close()
+            run_child(plan, theirs)  # never returns
+    except OSError as err:
+        ours.close()
+        if plan.unprivileged:
+            raise ConfigError(f"cannot create a user namespace ({err.strerror}); user "
+                              "namespaces may be disabled (user.max_user_namespaces) — "
+                              "refusing to run unconfined") from None
+        raise
+    finally:
+        theirs.close()
+        if gc_was_enabled:
+            gc.enable()
+    return pid, ours
+
+
+def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
+              env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
+    prepared = prepare(argv, policy, fds, env)
+    watch = Watch(policy.limits, fds, prepared.compiled.names)
+    try:
+        handed = [(0, fds[0]), *watch.agent_ends(),
+                  *((fd, fd) for fd in policy.descriptors.pass_)]
+        plan = replace(prepared.plan, handed=tuple(handed))
+        pid, status = spawn(plan)
+        watch.start(pid, status)
+        watch.run()
+    finally:
+        watch.close()
+        if prepared.lease:
+            prepared.lease.release()
+    return watch, prepared
+
+
+def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lease | None]:
+    if unprivileged:
+        return os.getuid(), os.getgid(), None  # kept, mapped into the user namespace
+    ident = policy.identity
+    if ident.uid == "pool":
+        lease = uidpool.lease(*ident.uid_pool)
+        return lease.uid, lease.uid, lease
+    if ident.uid == "owner":
+        info = os.stat(policy.filesystem.writable[0])
+        if info.st_uid == 0:
+            raise ConfigError(f"identity.uid = \"owner\": {policy.filesystem.writable[0]} is "
+                              "owned by root; refusing to run the agent as root")
+        return info.st_uid, info.st_gid, None
+    return int(ident.uid), int(ident.gid), None
+
+
+def _resolve(name: str, path: str) -> str:
+    found = name if "/" in name else shutil.which(name, path=path)
+    if not found or not os.path.isabs(found):
+        raise ConfigError(f"program {name}: not found (give an absolute path, or a name on "
+                          f"the policy's PATH {path})")
+    try:
+        info = os.stat(found)
+    except OSError as err:
+        raise ConfigError(f"program {found}: {err.strerror}") from None
+    if not os.path.isfile(found) or not info.st_mode & 0o111:
+        raise ConfigError(f"program {found}: not an executable file")
+    return os.path.normpath(found)
+
+
+def _stdin_offset(fd: int) -> int | None:
+    info = _require_open(fd, "stdin")
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError("stdin is a directory, not a message")
+    return os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(info.st_mode) else None
+
+
+def _require_open(fd: int, what: str) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as err:
+        raise ConfigError(f"{what}: {err.strerror}") from None
+

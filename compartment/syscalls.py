@@ -1,0 +1,182 @@
+"""The one home of ctypes, syscall numbers and kernel constants.
+
+Everything else in compartment calls the kernel through the standard library or through the
+small wrappers here; no other module loads a C library or spells a syscall number.  The libc is
+opened with ``CDLL(None)`` (the already-loaded process image), never ``find_library``, which
+forks a compiler or ldconfig and costs tens of milliseconds per run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_MACHINE = platform.machine()
+
+# Syscall numbers the standard library does not wrap in Python 3.11.
+_NUMBERS: dict[str, dict[str, int]] = {
+    "x86_64": {"clone": 56, "pivot_root": 155, "seccomp": 317, "close_range": 436,
+               "pidfd_send_signal": 424},
+    "aarch64": {"clone": 220, "pivot_root": 41, "seccomp": 277, "close_range": 436,
+                "pidfd_send_signal": 424},
+}
+if _MACHINE not in _NUMBERS:
+    raise ImportError(f"compartment supports x86_64 and aarch64, not {_MACHINE}")
+NR = _NUMBERS[_MACHINE]
+
+# clone(2) namespace flags (linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+SIGCHLD = 17
+
+# mount(2) flags (linux/mount.h).
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MNT_DETACH = 0x2
+
+# seccomp(2) (linux/seccomp.h).
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif), 80 bytes
+SECCOMP_NOTIF_SIZE = 80
+CLOSE_RANGE_CLOEXEC = 1 << 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# clone() must run with the GIL held from the call to its return in both processes, so that the
+# child wakes up owning the interpreter; PyDLL does not release the GIL around the call.
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_clone_syscall = _libc_gil.syscall
+_clone_syscall.restype = ctypes.c_long
+_mount = _libc.mount
+_mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                   ctypes.c_char_p)
+_umount2 = _libc.umount2
+_umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def _check(result: int, call: str, arg: str = "") -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{call}({arg}): {os.strerror(err)}")
+    return result
+
+
+def clone(flags: int) -> int:
+    """fork()-like clone with namespace flags: 0 in the child, the child's pid in the parent.
+
+    The caller must be single-threaded.  Unlike os.fork() this runs no at-fork handlers; the
+    child must only run compartment's confinement code and then exec or _exit.
+    """
+    return _check(_clone_syscall(ctypes.c_long(NR["clone"]), ctypes.c_ulong(flags | SIGCHLD),
+                                 None, None, None, None), "clone", hex(flags))
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    _check(_mount(_enc(source), target.encode(), _enc(fstype), flags, _enc(data)),
+           "mount", f"{source!r} on {target!r}")
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_umount2(target.encode(), flags), "umount2", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_syscall(ctypes.c_long(NR["pivot_root"]), new_root.encode(), put_old.encode()),
+           "pivot_root", new_root)
+
+
+def close_range_cloexec(first: int) -> None:
+    """Mark every descriptor from `first` up close-on-exec (Linux 5.11)."""
+    _check(_syscall(ctypes.c_long(NR["close_range"]), ctypes.c_uint(first),
+                    ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC)),
+           "close_range", str(first))
+
+
+def pidfd_send_signal(pidfd: int, signum: int) -> None:
+    _check(_syscall(ctypes.c_long(NR["pidfd_send_signal"]), ctypes.c_int(pidfd),
+                    ctypes.c_int(signum), None, ctypes.c_uint(0)), "pidfd_send_signal",
+           str(signum))
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+class PreparedFilter:
+    """A BPF program laid out in memory before clone, so the child only makes one syscall."""
+
+    def __init__(self, bpf: bytes) -> None:
+        if len(bpf) % 8 or not bpf:
+            raise ValueError("a BPF program is a non-empty array of 8-byte instructions")
+        self._buffer = ctypes.create_string_buffer(bpf, len(bpf))
+        self._prog = SockFprog(len(bpf) // 8, ctypes.addressof(self._buffer))
+
+    def install(self) -> int:
+        """Load the filter into the calling thread; returns the user-notification listener fd."""
+        return _check(_syscall(ctypes.c_long(NR["seccomp"]), SECCOMP_SET_MODE_FILTER,
+                               SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(self._prog)),
+                      "seccomp", "SECCOMP_SET_MODE_FILTER")
+
+
+def _enc(value: str | None) -> bytes | None:
+    return None if value is None else value.encode()
+
+
+PR_CAPBSET_DROP = 24
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_prctl = _libc.prctl
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def prctl(option: int, arg: int = 0, name: str = "prctl") -> int:
+    return _check(_prctl(option, arg, 0, 0, 0), name, str(arg))
+
+
+def cap_last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap", "rb") as file:
+        return int(file.read())
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32))
+
+
+def capget() -> dict[str, int]:
+    """This thread's capability sets as 64-bit masks, read in one capget(2)."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    return {name: getattr(data[0], name) | getattr(data[1], name) << 32
+            for name in ("effective", "permitted", "inheritable")}
+
+
+def sethostname(name: str) -> None:
+    encoded = name.encode()
+    _check(_libc.sethostname(encoded, len(encoded)), "sethostname", name)

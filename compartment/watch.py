@@ -1,0 +1,218 @@
+"""Watching one compartment: exit, setup failures, seccomp violations, output, the deadline.
+
+Supervisor side, one thread, one poll() loop over descriptors only:
+- the child's pidfd, readable when the agent (pid 1 of its namespace) is gone — by then the
+  kernel has killed and waited for every other process of the namespace;
+- the status socket: one setup-failure record, or the seccomp listener (SCM_RIGHTS), then EOF
+  when exec closes it;
+- the seccomp listener: a notification is a denied syscall; its number is all we read;
+- the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
+  here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
+Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
+whole compartment is killed through the pidfd.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import time
+
+from compartment import syscalls
+from compartment.confine.descriptors import LISTENER_RECORD
+from compartment.confine.errors import RECORD, SetupError
+from compartment.policy import Limits
+
+DIAGNOSTIC_BYTES = 4096
+PIPE_BYTES = 1 << 20
+_CHUNK = 1 << 20
+
+
+class Watch:
+    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
+        self.limits, self.names = limits, names
+        self.caller_out, self.caller_err = fds[1], fds[2]
+        # Postfix and qmail give the command one pipe for stdout and stderr: then all the
+        # agent writes is diagnostics, kept (bounded) so our reason line can come first.
+        self.merged = _same_file(fds[1], fds[2])
+        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
+        self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
+        self._grow(self.out_w)
+        self.pid = self.pidfd = self.listener = -1
+        self.status: socket.socket | None = None
+        self.deadline = self.started = self.ended = 0.0
+        self.bytes_out = 0
+        self.diagnostics = bytearray()
+        self.killed_for: str | None = None  # "timeout", "output-limit", "violation", "caller"
+        self.denied_syscall: str | None = None
+        self.setup_error: SetupError | None = None
+        self.wait_status = 0
+        self.rusage: resource.struct_rusage | None = None
+        self.caller_error = ""
+        self._splice = True
+
+    def agent_ends(self) -> list[tuple[int, int]]:
+        err = self.out_w if self.merged else self.err_w
+        return [(1, self.out_w), (2, err)]
+
+    def start(self, pid: int, status: socket.socket) -> None:
+        self.started = time.monotonic()
+        self.pid, self.status = pid, status
+        self.pidfd = os.pidfd_open(pid)
+        for fd in (self.out_w, self.err_w):
+            if fd >= 0:
+                os.close(fd)
+        self.out_w = self.err_w = -1
+        self.deadline = self.started + self.limits.wall_timeout_s
+
+    def run(self) -> None:
+        poller = select.poll()
+        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status,
+                    self.out_r: self._on_stdout if not self.merged else self._on_diagnostics}
+        if not self.merged:
+            handlers[self.err_r] = self._on_diagnostics
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
+        # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
+        while set(handlers) - {self.listener}:
+            for fd, _ in poller.poll(self._poll_ms()):
+                if not handlers[fd]():
+                    poller.unregister(fd)
+                    del handlers[fd]
+                if self.listener >= 0 and self.listener not in handlers:
+                    handlers[self.listener] = self._on_notification
+                    poller.register(self.listener, select.POLLIN)
+            if self.killed_for is None and time.monotonic() >= self.deadline:
+                self.kill("timeout")
+
+    def _poll_ms(self) -> int | None:
+        if self.killed_for is not None or self.rusage is not None:
+            return None
+        return max(0, math.ceil((self.deadline - time.monotonic()) * 1000))
+
+    def kill(self, why: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = why
+        try:
+            syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # already gone: nothing left to kill
+
+    def _on_exit(self) -> bool:
+        _, self.wait_status, self.rusage = os.wait4(self.pid, 0)
+        self.ended = time.monotonic()
+        return False
+
+    def _on_status(self) -> bool:
+        data, ancillary, _, _ = self.status.recvmsg(
+            RECORD.size + 1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i", payload[: len(payload) - len(payload) % 4])
+                for fd in fds[1:]:
+                    os.close(fd)  # only one descriptor is ever sent
+                if data == LISTENER_RECORD and fds and self.listener < 0:
+                    self.listener = fds[0]
+                elif fds:
+                    os.close(fds[0])
+        if len(data) == RECORD.size:
+            self.setup_error = SetupError.unpack(data)
+        elif data and data != LISTENER_RECORD:
+            self.setup_error = SetupError("internal", "status", 0, f"bad record of {len(data)}")
+        return bool(data)
+
+    def _on_notification(self) -> bool:
+        notification = bytearray(syscalls.SECCOMP_NOTIF_SIZE)
+        try:
+            fcntl.ioctl(self.listener, syscalls.SECCOMP_IOCTL_NOTIF_RECV, notification, True)
+        except OSError as err:
+            # ENOENT: the caller died before we read it; anything else: the filter's users
+            # are gone (POLLHUP).  Either way there is nothing more to hear.
+            return err.errno == errno.ENOENT
+        (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
+        if self.denied_syscall is None:
+            self.denied_syscall = self.names.get(number, f"syscall {number}")
+        self.kill("violation")
+        return True
+
+    def _on_stdout(self) -> bool:
+        room = self.limits.output_bytes - self.bytes_out
+        if room <= 0:
+            return self._overflow(self.out_r)
+        try:
+            moved = self._move(min(room, _CHUNK))
+        except OSError as err:
+            self.caller_error = f"cannot write the agent's output: {err.strerror}"
+            self.kill("caller")
+            return False
+        self.bytes_out += moved
+        return moved > 0
+
+    def _move(self, count: int) -> int:
+        if self._splice:
+            try:
+                return os.splice(self.out_r, self.caller_out, count)
+            except OSError as err:
+                if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
+                    raise
+                self._splice = False
+        data = os.read(self.out_r, count)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.caller_out, view):]
+        return len(data)
+
+    def _on_diagnostics(self) -> bool:
+        fd = self.out_r if self.merged else self.err_r
+        room = self.limits.output_bytes - self.bytes_out
+        if room <= 0:
+            return self._overflow(fd)
+        data = os.read(fd, min(room, 65536))
+        self.bytes_out += len(data)
+        self.diagnostics += data[: DIAGNOSTIC_BYTES - len(self.diagnostics)]
+        return bool(data)
+
+    def _overflow(self, fd: int) -> bool:
+        """No room left: one more byte means the agent wrote past the limit."""
+        if os.read(fd, 1):
+            self.bytes_out += 1
+            self.kill("output-limit")
+        return False
+
+    def close(self) -> None:
+        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener):
+            if fd >= 0:
+                os.close(fd)
+        self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
+        if self.status is not None:
+            self.status.close()
+        if self.rusage is None and self.pid > 0:
+            # Only reached when run() itself failed: the child must not outlive the supervisor.
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            os.waitpid(self.pid, 0)
+
+    @staticmethod
+    def _grow(fd: int) -> None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            return  # over the per-user pipe budget: the default size is slower, not wrong
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        first, second = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
