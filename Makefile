@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup venv demo test lint bench hostile soak clean
+.PHONY: setup venv demo test lint size bench hostile soak clean
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 is what pyseccomp loads;
 # gcc/libc6-dev build the static probe agents of the tests.
@@ -31,6 +31,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check compartment tests bench examples
+
+size:
+	$(PYTHON) tools/tcb_size.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -400,7 +400,8 @@ def _check_contradictions(policy: Policy) -> None:
     if both:
         fail(f"seccomp: {sorted(both)[0]!r} is both allowed and denied")
     if identity.uid == "owner" and not fs.writable:
-        fail('identity.uid: "owner" needs a filesystem.writable directory to take the owner from')
+        fail('identity.uid: "owner" needs a filesystem.writable directory to take the owner '
+             "from; give it with --set filesystem.writable=DIR")
     if isinstance(identity.uid, int) != isinstance(identity.gid, int):
         fail("identity: a numeric uid needs a numeric gid, and pool/owner take gid = "
              '"pool"')

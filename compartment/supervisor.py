@@ -14,8 +14,8 @@ import gc
 import os
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compartment import syscalls, uidpool

@@ -59,9 +59,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
                "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "futex",
                "clock_gettime", "gettimeofday", "nanosleep", "clock_nanosleep", "getpid",
                "gettid", "getuid", "geteuid", "getgid", "getegid", "uname", "fcntl",
-               "dup", "dup2", "dup3", "close_range", "sendmsg", "sendto", "execve", "readlink", "access",
-               "faccessat", "faccessat2", "openat", "open", "getcwd", "tgkill", "poll", "ppoll",
-               "pipe2"),
+               "dup", "dup2", "dup3", "close_range", "sendmsg", "sendto", "execve", "readlink",
+               "access", "faccessat", "faccessat2", "openat", "open", "getcwd", "tgkill", "poll",
+               "ppoll", "pipe2"),
 }
 # Always denied, whatever the policy: the sandbox's own walls and the kernel's riskiest surface.
 BASELINE = ("@mount", "@namespace", "@debug", "@module", "@reboot", "@swap", "@keyring", "@bpf",

@@ -1,0 +1,273 @@
+"""One test per confinement step: a probe tries the forbidden thing under real confinement.
+
+Each test is written so that it fails if its step is removed, even where another layer would
+still stop the attempt (the network test looks at interfaces, not at a blocked socket call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agentrun import PROBE, PYTHON, probe, run_agent
+
+from compartment import Outcome
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement tests run as root "
+                                "(CI does); the unprivileged mode is tested via `nobody`")
+
+
+def test_pid_namespace_agent_is_pid_1_and_sees_only_its_compartment():
+    ran = probe("facts", overrides={"filesystem.proc": "true"})
+    assert ran.result.outcome is Outcome.OK, ran.stderr
+    facts = ran.json()
+    assert facts["pid"] == 1
+
+
+def test_network_namespace_has_only_loopback():
+    code = "print(open('/proc/self/net/dev').read(), end='')"
+    ran = run_agent([PYTHON, "-I", "-c", code], overrides={"filesystem.proc": "true"})
+    interfaces = [line.split(":")[0].strip() for line in ran.stdout.decode().splitlines()[2:]]
+    assert interfaces == ["lo"]
+
+
+def test_uts_namespace_has_its_own_hostname():
+    assert probe("facts").json()["hostname"] == "compartment"
+    assert socket.gethostname() != "compartment"
+
+
+def test_ipc_namespace_hides_host_shared_memory():
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x636F6D70  # "comp"
+    segment = libc.shmget(key, 4096, 0o1666)  # IPC_CREAT | 0666
+    assert segment >= 0
+    try:
+        ran = probe("shmget", str(key))
+        assert ran.json() == {"ok": False, "errno": 2}  # ENOENT: not in this namespace
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+
+
+def test_mount_namespace_leaves_host_mounts_untouched():
+    before = Path("/proc/self/mountinfo").read_text()
+    assert probe("facts").result.outcome is Outcome.OK
+    assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def test_filesystem_root_hides_host_files(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("host secret")
+    secret.chmod(0o644)
+    tmp_path.chmod(0o755)
+    assert probe("read", "/etc/shadow").json() == {"ok": False, "errno": 2}
+    assert probe("read", str(secret)).json() == {"ok": False, "errno": 2}
+    assert probe("facts").json()["root"] == ["bin", "dev", "etc", "lib", "lib64", "sbin", "tmp",
+                                            "usr"]
+
+
+def test_filesystem_system_view_is_read_only():
+    assert probe("write", "/usr/escaped").json() == {"ok": False, "errno": 30}  # EROFS
+    assert probe("write", "/escaped").json() == {"ok": False, "errno": 30}
+    assert not os.path.exists("/usr/escaped")
+
+
+def test_filesystem_private_tmp_is_not_the_hosts():
+    marker = f"/tmp/compartment-marker-{os.getpid()}"
+    assert probe("write", marker).json()["ok"] is True
+    assert not os.path.exists(marker)
+
+
+def test_filesystem_writable_directory_is_shown_read_write(tmp_path):
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 65534, 65534)
+    ran = probe("write", f"{maildir}/new-message", policy="deliver",
+                overrides={"filesystem.writable": str(maildir),
+                           "exit.require_full_read": "false"})
+    assert ran.json()["ok"] is True, ran.stderr
+    assert (maildir / "new-message").read_text() == "escaped\n"
+    assert (maildir / "new-message").stat().st_uid == 65534  # the owner, not root
+
+
+def test_credentials_pool_uid_no_groups():
+    facts = probe("facts").json()
+    uid = facts["uid"][0]
+    assert 60000 <= uid <= 60999
+    assert facts["uid"] == [uid] * 3 and facts["gid"] == [uid] * 3
+    assert facts["groups"] == []
+
+
+def test_capabilities_all_sets_empty_and_securebits_locked():
+    facts = probe("facts").json()
+    assert facts["caps"] == {"effective": 0, "permitted": 0, "inheritable": 0, "bounding": 0,
+                             "ambient": 0}
+    # NOROOT and its lock, NO_SETUID_FIXUP locked off, KEEP_CAPS locked off,
+    # NO_CAP_AMBIENT_RAISE and its lock
+    assert facts["securebits"] == 0b11101011
+
+
+def test_rlimits_are_the_policys():
+    overrides = {"limits.cpu_seconds": "7", "limits.memory_bytes": "300M",
+                 "limits.file_bytes": "1M", "limits.open_files": "33", "limits.processes": "9"}
+    limits = probe("facts", overrides=overrides).json()["rlimits"]
+    assert limits == {"RLIMIT_CPU": [7, 8], "RLIMIT_AS": [300 << 20] * 2,
+                      "RLIMIT_FSIZE": [1 << 20] * 2, "RLIMIT_NOFILE": [33, 33],
+                      "RLIMIT_NPROC": [9, 9], "RLIMIT_CORE": [0, 0]}
+
+
+def test_rlimit_cpu_kills_a_spinning_agent():
+    ran = run_agent([PYTHON, "-I", "-c", "while True: pass"],
+                    overrides={"limits.cpu_seconds": "1"})
+    assert ran.result.outcome is Outcome.CPU_LIMIT
+    assert ran.result.exit_status == 75
+
+
+def test_no_new_privs_and_seccomp_are_set():
+    facts = probe("facts").json()
+    assert facts["no_new_privs"] == 1
+    assert facts["seccomp"] == 2  # SECCOMP_MODE_FILTER
+
+
+@pytest.mark.parametrize("call, name", [("socket-inet", "socket"), ("ptrace", "ptrace"),
+                                        ("unshare", "unshare"), ("mount", "mount"),
+                                        ("keyctl", "keyctl"), ("bpf", "bpf")])
+def test_seccomp_violation_kills_and_names_the_syscall(call, name):
+    ran = probe("syscall", call)
+    assert ran.result.outcome is Outcome.VIOLATION
+    assert ran.result.denied_syscall == name
+    assert ran.result.exit_status == 75
+    assert ran.stderr.startswith(f"4.7.0 compartment: seccomp violation: {name}".encode())
+
+
+def test_seccomp_allows_unix_sockets_when_the_policy_does():
+    assert probe("syscall", "socket-unix").json()["ok"] is True
+    ran = probe("syscall", "socket-unix", overrides={"network.unix_sockets": "false"})
+    assert ran.result.denied_syscall == "socket"
+
+
+def test_descriptors_only_0_1_2_reach_the_agent():
+    leaked = os.open("/etc/hostname", os.O_RDONLY)
+    os.set_inheritable(leaked, True)  # the caller forgot O_CLOEXEC
+    try:
+        assert probe("facts").json()["fds"] == [0, 1, 2]
+    finally:
+        os.close(leaked)
+
+
+def test_descriptors_declared_extra_is_handed_over():
+    opened = os.open("/etc/hostname", os.O_RDONLY)
+    extra = fcntl.fcntl(opened, fcntl.F_DUPFD, 100)  # a number nothing else uses
+    os.close(opened)
+    try:
+        facts = probe("facts", overrides={"descriptors.pass": f"[{extra}]"}).json()
+        assert facts["fds"] == [0, 1, 2, extra]
+    finally:
+        os.close(extra)
+
+
+def test_session_new_and_signals_reset():
+    """MTAs start pipe commands with signals ignored or blocked; the agent gets defaults and a
+    session of its own (so no controlling terminal to inject keystrokes into)."""
+    script = "grep -E '^Sig(Ign|Blk)' /proc/self/status; cut -d' ' -f6 /proc/self/stat; echo $$"
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as Exim starts pipe commands
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        ran = run_agent(["/bin/sh", "-c", script], overrides={"filesystem.proc": "true"})
+    finally:
+        signal.signal(signal.SIGHUP, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    words = ran.stdout.decode().split()
+    assert words[words.index("SigIgn:") + 1] == "0" * 16
+    assert words[words.index("SigBlk:") + 1] == "0" * 16
+    assert words[-2] == words[-1] == "1"  # the shell (pid 1) leads its own session
+
+
+def test_environment_is_clean_and_envelope_passes():
+    env = {"SENDER": "a@example.org", "RECIPIENT": "b@example.net", "SECRET_TOKEN": "hunter2",
+           "LD_PRELOAD": "/tmp/evil.so"}
+    got = probe("facts", env=env).json()["env"]
+    assert got["SENDER"] == "a@example.org" and got["RECIPIENT"] == "b@example.net"
+    assert "SECRET_TOKEN" not in got and "LD_PRELOAD" not in got
+    assert set(got) <= {"SENDER", "RECIPIENT", "PATH", "LANG", "HOME", "TMPDIR", "LC_CTYPE"}
+
+
+def test_agent_dies_with_the_supervisor(tmp_path):
+    """SIGKILL the supervisor mid-delivery: nothing of the compartment survives."""
+    cli = [sys.executable, "-m", "compartment", "run", "--", "/bin/sh", "-c",
+           "sleep 100 & sleep 100; wait"]
+    supervisor = subprocess.Popen(cli, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    agent_pids = _wait_for_children_of(supervisor.pid, "sleep", 2)
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in agent_pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(_alive(pid) for pid in agent_pids)
+
+
+def test_unprivileged_mode_through_a_user_namespace(tmp_path):
+    script = ("import sys; from compartment import Policy, run;"
+              "r = run(['/usr/bin/python3', '-I', '-c', sys.argv[2], 'facts'],"
+              " Policy.load('filter')); sys.exit(r.exit_status)")
+    venv_python = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __import__("compartment").__file__))), ".venv", "bin", "python")
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             venv_python, "-c", script, "", PROBE],
+                            capture_output=True, stdin=subprocess.DEVNULL, cwd="/")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["uid"] == [65534] * 3
+    assert facts["pid"] == 1 and facts["hostname"] == "compartment"
+    assert facts["caps"]["effective"] == 0 and facts["caps"]["bounding"] == 0
+    assert facts["no_new_privs"] == 1 and facts["seccomp"] == 2
+
+
+def _wait_for_children_of(parent: int, name: str, count: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [pid for pid in _descendants(parent) if _comm(pid) == name]
+        if len(found) >= count:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"the agent's {count} {name} processes never appeared")
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

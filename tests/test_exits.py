@@ -1,0 +1,99 @@
+"""The exit-status contract as tables: wait status -> outcome -> status, in both conventions."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from compartment.api import _outcome
+from compartment.confine.errors import SetupError
+from compartment.exits import (
+    Convention,
+    Outcome,
+    classify,
+    diagnostic_line,
+    runner_status,
+    translate,
+)
+from compartment.policy import Policy
+
+Q, S = Convention.QMAIL, Convention.SYSEXITS
+
+
+@pytest.mark.parametrize("code, agent, caller, expected", [
+    # same convention: the agent's own code passes through
+    (0, S, S, 0), (65, S, S, 65), (75, S, S, 75), (77, S, S, 77), (78, S, S, 78),
+    (0, Q, Q, 0), (99, Q, Q, 99), (100, Q, Q, 100), (111, Q, Q, 111), (1, Q, Q, 1),
+    # a sysexits agent's non-sysexits failure is not a verdict on the message: temporary
+    (1, S, S, 75), (2, S, S, 75), (126, S, S, 75), (127, S, S, 75), (255, S, S, 75),
+    # a qmail script wrapped for Postfix/Exim
+    (99, Q, S, 0), (100, Q, S, 77), (111, Q, S, 75), (64, Q, S, 77), (112, Q, S, 77),
+    (1, Q, S, 75), (0, Q, S, 0),
+    # a sysexits program run from .qmail
+    (75, S, Q, 111), (71, S, Q, 111), (73, S, Q, 111), (74, S, Q, 111), (65, S, Q, 100),
+    (77, S, Q, 100), (78, S, Q, 100), (1, S, Q, 111), (0, S, Q, 0),
+])
+def test_agent_code_translation(code, agent, caller, expected):
+    assert translate(code, agent, caller) == expected
+
+
+@pytest.mark.parametrize("code, convention, verdict", [
+    (0, Q, "success"), (99, Q, "success"), (100, Q, "permanent"), (70, Q, "permanent"),
+    (111, Q, "temporary"), (0, S, "success"), (75, S, "temporary"), (71, S, "temporary"),
+    (65, S, "permanent"), (1, S, "temporary"),
+])
+def test_classify(code, convention, verdict):
+    assert classify(code, convention) == verdict
+
+
+def test_runner_failures_are_temporary_in_both_conventions():
+    assert runner_status(S) == 75 and runner_status(Q) == 111
+    assert runner_status(S, permanent=True) == 77 and runner_status(Q, permanent=True) == 100
+
+
+def test_diagnostic_line_speaks_the_callers_convention():
+    assert diagnostic_line(Outcome.TIMEOUT, "timed out", S) == "4.4.7 compartment: timed out\n"
+    assert diagnostic_line(Outcome.VIOLATION, "v", S, permanent=True).startswith("5.7.0 ")
+    assert diagnostic_line(Outcome.CPU_LIMIT, "cpu", Q) == "compartment: cpu\n"
+
+
+def _wait_status(exit_code=None, signum=None):
+    return exit_code << 8 if exit_code is not None else signum
+
+
+def _watch(status, killed_for=None, setup_error=None, denied=None):
+    return SimpleNamespace(wait_status=status, killed_for=killed_for, setup_error=setup_error,
+                           denied_syscall=denied, caller_error="stdout closed")
+
+
+POLICY = Policy.load("filter", {"limits.cpu_seconds": "5"})
+
+
+@pytest.mark.parametrize("watch, cpu_s, outcome", [
+    (_watch(_wait_status(0)), 0.1, Outcome.OK),
+    (_watch(_wait_status(1)), 0.1, Outcome.AGENT_FAILED),
+    (_watch(_wait_status(signum=signal.SIGKILL), "timeout"), 0.1, Outcome.TIMEOUT),
+    (_watch(_wait_status(signum=signal.SIGKILL), "output-limit"), 0.1, Outcome.OUTPUT_LIMIT),
+    (_watch(_wait_status(signum=signal.SIGKILL), "violation", denied="ptrace"), 0.1,
+     Outcome.VIOLATION),
+    (_watch(_wait_status(signum=signal.SIGKILL), "caller"), 0.1, Outcome.INTERNAL_ERROR),
+    (_watch(_wait_status(signum=signal.SIGSYS)), 0.1, Outcome.VIOLATION),
+    (_watch(_wait_status(signum=signal.SIGXCPU)), 5.0, Outcome.CPU_LIMIT),
+    (_watch(_wait_status(signum=signal.SIGKILL)), 6.0, Outcome.CPU_LIMIT),
+    (_watch(_wait_status(signum=signal.SIGKILL)), 0.1, Outcome.SIGNAL),
+    (_watch(_wait_status(signum=signal.SIGSEGV)), 0.1, Outcome.SIGNAL),
+    (_watch(_wait_status(signum=signal.SIGXFSZ)), 0.1, Outcome.SIGNAL),
+    (_watch(_wait_status(127), setup_error=SetupError("exec", "execve", 2)), 0,
+     Outcome.CONFIG_ERROR),
+    (_watch(_wait_status(127), setup_error=SetupError("internal", "x", 0)), 0,
+     Outcome.INTERNAL_ERROR),
+])
+def test_wait_status_to_outcome(watch, cpu_s, outcome):
+    got, reason, code, signum = _outcome(watch, POLICY, cpu_s)
+    assert got is outcome
+    assert reason
+    if os.WIFSIGNALED(watch.wait_status) and not watch.setup_error:
+        assert signum == os.WTERMSIG(watch.wait_status)

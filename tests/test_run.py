@@ -1,0 +1,201 @@
+"""compartment.run() and `compartment run` end to end: messages, limits, failures, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from agentrun import PYTHON, run_agent
+
+from compartment import Outcome, Policy, run
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs compartments as root (as CI "
+                                "does); the unprivileged mode has its own test")
+CLI = [sys.executable, "-m", "compartment"]
+
+
+@pytest.mark.parametrize("message", [b"", b"x", b"no trailing newline",
+                                     bytes(range(256)) * 40, b"A" * (1 << 20) + b"\n",
+                                     b"From: a@b\r\n\r\nbody\r\n.\r\n"])
+def test_cat_passes_the_message_byte_exact(message):
+    ran = run_agent(["/bin/cat"], message=message)
+    assert ran.result.outcome is Outcome.OK and ran.result.exit_status == 0
+    assert ran.stdout == message
+    assert ran.result.bytes_in == len(message) and ran.result.bytes_out == len(message)
+
+
+def test_strict_runs_a_static_program_and_nothing_else(static_cat):
+    ran = run_agent([static_cat], "strict", b"prison\n")
+    assert (ran.result.outcome, ran.stdout) == (Outcome.OK, b"prison\n")
+    dynamic = run_agent(["/bin/cat"], "strict", b"x")  # no dynamic loader in the empty root
+    assert dynamic.result.outcome is Outcome.CONFIG_ERROR
+    assert "exec: execve" in dynamic.result.reason and dynamic.result.exit_status == 75
+
+
+def test_timeout_kills_the_whole_compartment():
+    ran = run_agent(["/bin/sh", "-c", "sleep 60 & sleep 60 & sleep 60"],
+                    overrides={"limits.wall_timeout_s": "0.3"})
+    assert ran.result.outcome is Outcome.TIMEOUT and ran.result.exit_status == 75
+    assert 0.3 <= ran.result.wall_s < 2
+    assert ran.stderr.startswith(b"4.4.7 compartment: timed out after 0.3 s")
+
+
+def test_output_limit_kills_a_flood():
+    ran = run_agent([PYTHON, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"],
+                    overrides={"limits.output_bytes": "100K"})
+    assert ran.result.outcome is Outcome.OUTPUT_LIMIT and ran.result.exit_status == 75
+    assert len(ran.stdout) == 100 << 10
+
+
+def test_stderr_flood_is_bounded_and_reason_comes_first():
+    ran = run_agent([PYTHON, "-c", "import sys\nwhile True: sys.stderr.write('e' * 4096)"],
+                    overrides={"limits.output_bytes": "1M"})
+    assert ran.result.outcome is Outcome.OUTPUT_LIMIT
+    assert ran.stderr.startswith(b"4.3.0 compartment: wrote more than 1048576 bytes")
+    assert len(ran.stderr) < 4096
+
+
+def test_one_pipe_for_stdout_and_stderr_gets_the_reason_first(tmp_path):
+    """Postfix pipe(8) reads the command's stdout and stderr from one pipe."""
+    policy = Policy.load("filter", {"limits.wall_timeout_s": "0.3"})
+    with open(tmp_path / "out", "w+b") as both, open("/dev/null", "rb") as empty:
+        result = run(["/bin/sh", "-c", "echo chatter; sleep 5"], policy, stdin=empty,
+                     stdout=both, stderr=both)
+        both.seek(0)
+        text = both.read()
+    assert result.outcome is Outcome.TIMEOUT
+    assert text.startswith(b"4.4.7 compartment: timed out") and b"chatter" in text
+
+
+def test_require_full_read_keeps_a_message_the_agent_ignored(tmp_path):
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 65534, 65534)
+    overrides = {"filesystem.writable": str(maildir)}
+    ran = run_agent(["/bin/true"], "deliver", b"a message nobody read\n", overrides)
+    assert ran.result.outcome is Outcome.AGENT_FAILED and ran.result.exit_status == 75
+    assert ran.stderr.startswith(b"4.3.0 compartment: agent exited 0 without reading")
+    ran = run_agent(["/bin/sh", "-c", "cat >/dev/null"], "deliver", b"read it all\n", overrides)
+    assert ran.result.outcome is Outcome.OK
+
+
+def test_require_full_read_with_a_pipe():
+    policy = Policy.load("filter", {"exit.require_full_read": "true"})
+    for agent, expected in ((["/bin/true"], Outcome.AGENT_FAILED), (["/bin/cat"], Outcome.OK)):
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"message on a pipe\n")
+        os.close(write_end)
+        with open("/dev/null", "wb") as sink:
+            result = run(agent, policy, stdin=read_end, stdout=sink, stderr=sink)
+        os.close(read_end)
+        assert result.outcome is expected
+        assert result.bytes_in is None  # a pipe handed over directly is not counted
+
+
+def test_agent_status_and_its_stderr_reach_the_caller():
+    ran = run_agent(["/bin/sh", "-c", "echo 'mailbox full' >&2; exit 73"])
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.AGENT_FAILED, 73)
+    assert ran.stderr == b"mailbox full\n"
+
+
+def test_killed_by_a_signal_is_temporary():
+    ran = run_agent([PYTHON, "-c", "import ctypes; ctypes.string_at(0)"])  # a real fault
+    assert ran.result.outcome is Outcome.SIGNAL and ran.result.agent_signal == 11
+    assert ran.result.exit_status == 75
+
+
+def test_missing_and_unexecutable_programs_are_configuration_errors(tmp_path):
+    missing = run_agent(["/nonexistent/agent"])
+    assert missing.result.outcome is Outcome.CONFIG_ERROR and missing.result.exit_status == 75
+    assert b"program /nonexistent/agent: No such file or directory" in missing.stderr
+    plain = tmp_path / "agent"
+    plain.write_text("#!/bin/sh\n")
+    not_exec = run_agent([str(plain)])
+    assert "not an executable file" in not_exec.result.reason
+
+
+def test_qmail_caller_gets_111_and_a_plain_reason():
+    ran = run_agent(["/bin/sleep", "5"], overrides={"limits.wall_timeout_s": "0.2"},
+                    exit_codes="qmail")
+    assert ran.result.exit_status == 111
+    assert ran.stderr.startswith(b"compartment: timed out")
+
+
+def test_violation_may_be_made_permanent_by_policy():
+    ran = run_agent([PYTHON, "-c", "import socket; socket.socket(socket.AF_INET)"],
+                    overrides={"exit.violation": "permanent"})
+    assert ran.result.outcome is Outcome.VIOLATION and ran.result.exit_status == 77
+    assert ran.stderr.startswith(b"5.7.0 ")
+
+
+def test_report_line_has_every_field(tmp_path):
+    report = tmp_path / "report.jsonl"
+    run_agent(["/bin/cat"], message=b"hello\n", report=str(report))
+    run_agent(["/bin/sleep", "5"], overrides={"limits.wall_timeout_s": "0.2"},
+              report=str(report))
+    first, second = (json.loads(line) for line in report.read_text().splitlines())
+    assert set(first) == {"time", "outcome", "exit_status", "reason", "policy", "program",
+                          "argv", "uid", "agent_status", "agent_signal", "denied_syscall",
+                          "cpu_s", "wall_s", "peak_memory_bytes", "bytes_in", "bytes_out"}
+    assert (first["outcome"], first["bytes_in"], first["bytes_out"]) == ("ok", 6, 6)
+    assert (second["outcome"], second["exit_status"]) == ("timeout", 75)
+
+
+def test_unwritable_report_does_not_change_the_outcome(tmp_path):
+    ran = run_agent(["/bin/cat"], message=b"hi\n", report="/nonexistent/dir/report.jsonl")
+    assert ran.result.outcome is Outcome.OK and ran.result.exit_status == 0
+    assert b"compartment: report /nonexistent/dir/report.jsonl: No such file" in ran.stderr
+
+
+def test_uid_pool_gives_concurrent_compartments_distinct_uids():
+    script = "id -u; sleep 0.5"
+    procs = [subprocess.Popen([*CLI, "run", "--", "/bin/sh", "-c", script],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+             for _ in range(4)]
+    uids = [int(p.communicate()[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(uids)) == 4 and all(60000 <= uid <= 60999 for uid in uids)
+
+
+def test_uid_pool_exhausted_is_a_temporary_failure():
+    pool = ["--set", "identity.uid_pool=60990-60990"]
+    holder = subprocess.Popen([*CLI, "run", *pool, "--", "/bin/sleep", "2"],
+                              stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        second = subprocess.run([*CLI, "run", *pool, "--", "/bin/true"],
+                                stdin=subprocess.DEVNULL, capture_output=True)
+    finally:
+        holder.wait()
+    assert second.returncode == 75
+    assert b"uid pool 60990-60990: all 1 uids are in use" in second.stderr
+
+
+def test_cli_usage_errors_never_bounce():
+    for args, status in ((["run", "--bogus"], 75), (["run", "--exit-codes", "qmail", "--bogus"],
+                                                     111), (["run"], 75), (["frobnicate"], 75)):
+        result = subprocess.run([*CLI, *args], capture_output=True, stdin=subprocess.DEVNULL)
+        assert result.returncode == status, (args, result.stderr)
+        assert result.stderr
+
+
+def test_cli_check_and_policies():
+    listing = subprocess.run([*CLI, "policies"], capture_output=True, text=True)
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["deliver", "filter",
+                                                                         "strict"]
+    good = subprocess.run([*CLI, "check", "-p", "strict"], capture_output=True, text=True)
+    assert good.returncode == 0 and 'root = "empty"' in good.stdout
+    bad = subprocess.run([*CLI, "check", "--set", "limits.cpu_seconds=x"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 78 and "limits.cpu_seconds: expected a whole number" in bad.stderr
+
+
+def test_cli_run_bad_policy_is_a_temporary_failure_with_a_reason():
+    result = subprocess.run([*CLI, "run", "-p", "/nonexistent.toml", "--", "/bin/true"],
+                            capture_output=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 75
+    assert result.stderr.startswith(b"4.3.5 compartment: policy: /nonexistent.toml: cannot read")
