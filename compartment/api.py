@@ -110,7 +110,7 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
 def _outcome(watch: Watch, policy: Policy,
              cpu_s: float) -> tuple[Outcome, str, int | None, int | None]:
     """(outcome, reason, agent exit status, agent signal) from what the watch saw."""
-    status = watch.wait_status
+    status = watch.wait_status if watch.agent_wait_status is None else watch.agent_wait_status
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     limits = policy.limits
@@ -118,6 +118,9 @@ def _outcome(watch: Watch, policy: Policy,
         internal = watch.setup_error.step == "internal"
         return (Outcome.INTERNAL_ERROR if internal else Outcome.CONFIG_ERROR,
                 f"cannot start the agent: {watch.setup_error.text()}", None, None)
+    if watch.agent_wait_status is None and not watch.killed_for:
+        return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
+                f"status (wait status {status:#x})", None, None)
     if watch.killed_for:
         reason = {"timeout": f"timed out after {limits.wall_timeout_s:g} s",
                   "output-limit": f"wrote more than {limits.output_bytes} bytes of output",

@@ -1,10 +1,10 @@
 """Watching one compartment: exit, setup failures, seccomp violations, output, the deadline.
 
 Supervisor side, one thread, one poll() loop over descriptors only:
-- the child's pidfd, readable when the agent (pid 1 of its namespace) is gone — by then the
-  kernel has killed and waited for every other process of the namespace;
-- the status socket: one setup-failure record, or the seccomp listener (SCM_RIGHTS), then EOF
-  when exec closes it;
+- the pidfd of the compartment's init (pid 1 of its namespace), readable when it is gone — by
+  then the kernel has killed and waited for every other process of the namespace;
+- the status socket: a setup-failure record, the seccomp listener (SCM_RIGHTS), and the
+  agent's wait status from the init, then EOF;
 - the seccomp listener: a notification is a denied syscall; its number is all we read;
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
@@ -29,6 +29,7 @@ import time
 from compartment import syscalls
 from compartment.confine.descriptors import LISTENER_RECORD
 from compartment.confine.errors import RECORD, SetupError
+from compartment.confine.init import EXIT_RECORD, EXIT_TAG
 from compartment.policy import Limits
 
 DIAGNOSTIC_BYTES = 4096
@@ -54,7 +55,8 @@ class Watch:
         self.killed_for: str | None = None  # "timeout", "output-limit", "violation", "caller"
         self.denied_syscall: str | None = None
         self.setup_error: SetupError | None = None
-        self.wait_status = 0
+        self.wait_status = 0  # of the compartment's init
+        self.agent_wait_status: int | None = None  # reported by the init
         self.rusage: resource.struct_rusage | None = None
         self.caller_error = ""
         self._splice = True
@@ -125,6 +127,8 @@ class Watch:
                     os.close(fds[0])
         if len(data) == RECORD.size:
             self.setup_error = SetupError.unpack(data)
+        elif len(data) == EXIT_RECORD.size and data.startswith(EXIT_TAG):
+            self.agent_wait_status = EXIT_RECORD.unpack(data)[1]
         elif data and data != LISTENER_RECORD:
             self.setup_error = SetupError("internal", "status", 0, f"bad record of {len(data)}")
         return bool(data)

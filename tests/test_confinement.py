@@ -26,11 +26,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement tests run
                                 "(CI does); the unprivileged mode is tested via `nobody`")
 
 
-def test_pid_namespace_agent_is_pid_1_and_sees_only_its_compartment():
-    ran = probe("facts", overrides={"filesystem.proc": "true"})
+def test_pid_namespace_agent_sees_only_its_compartment():
+    code = "import os; print(os.getpid(), sorted(int(p) for p in os.listdir('/proc') " \
+           "if p.isdigit()))"
+    ran = run_agent([PYTHON, "-I", "-c", code], overrides={"filesystem.proc": "true"})
     assert ran.result.outcome is Outcome.OK, ran.stderr
-    facts = ran.json()
-    assert facts["pid"] == 1
+    # pid 1 is the compartment's init, the agent is pid 2, and nothing of the host is there
+    assert ran.stdout.decode().split(" ", 1) == ["2", "[1, 2]\n"]
 
 
 def test_network_namespace_has_only_loopback():
@@ -188,7 +190,7 @@ def test_session_new_and_signals_reset():
     words = ran.stdout.decode().split()
     assert words[words.index("SigIgn:") + 1] == "0" * 16
     assert words[words.index("SigBlk:") + 1] == "0" * 16
-    assert words[-2] == words[-1] == "1"  # the shell (pid 1) leads its own session
+    assert words[-2] == words[-1]  # the shell leads its own session
 
 
 def test_environment_is_clean_and_envelope_passes():
@@ -226,7 +228,7 @@ def test_unprivileged_mode_through_a_user_namespace(tmp_path):
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert facts["uid"] == [65534] * 3
-    assert facts["pid"] == 1 and facts["hostname"] == "compartment"
+    assert facts["pid"] == 2 and facts["hostname"] == "compartment"
     assert facts["caps"]["effective"] == 0 and facts["caps"]["bounding"] == 0
     assert facts["no_new_privs"] == 1 and facts["seccomp"] == 2
 

@@ -65,8 +65,9 @@ def _wait_status(exit_code=None, signum=None):
 
 
 def _watch(status, killed_for=None, setup_error=None, denied=None):
-    return SimpleNamespace(wait_status=status, killed_for=killed_for, setup_error=setup_error,
-                           denied_syscall=denied, caller_error="stdout closed")
+    return SimpleNamespace(wait_status=0, agent_wait_status=status, killed_for=killed_for,
+                           setup_error=setup_error, denied_syscall=denied,
+                           caller_error="stdout closed")
 
 
 POLICY = Policy.load("filter", {"limits.cpu_seconds": "5"})
@@ -97,3 +98,9 @@ def test_wait_status_to_outcome(watch, cpu_s, outcome):
     assert reason
     if os.WIFSIGNALED(watch.wait_status) and not watch.setup_error:
         assert signum == os.WTERMSIG(watch.wait_status)
+
+
+def test_init_without_the_agents_status_is_an_internal_error():
+    watch = SimpleNamespace(wait_status=0, agent_wait_status=None, killed_for=None,
+                            setup_error=None, denied_syscall=None, caller_error="")
+    assert _outcome(watch, POLICY, 0.0)[0] is Outcome.INTERNAL_ERROR

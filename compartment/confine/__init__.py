@@ -6,6 +6,8 @@ execve() of the agent.  The order, and why:
 1. namespaces    user-namespace id maps (unprivileged), hostname: first, everything below
                  happens inside them.
 2. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
+   init          fork: pid 1 stays behind as the compartment's init (init.py), stripped of
+                 capabilities, and only waits; the agent continues below as an ordinary process.
 3. capabilities  bounding set emptied, securebits locked: needs CAP_SETPCAP, also before the
    (restrict)    ids change.
 4. credentials   groups, gid, uid, read back; the uid change clears the capability sets.
@@ -41,6 +43,7 @@ from compartment.confine import (
     credentials,
     descriptors,
     filesystem,
+    init,
     namespaces,
     rlimits,
     seccomp,
@@ -72,6 +75,9 @@ def enter(plan: Plan, status: socket.socket) -> None:
     """Child, just cloned into new namespaces, privileged there; returns only by raising."""
     namespaces.enter(plan.unprivileged, plan.uid, plan.gid)
     filesystem.enter(plan.filesystem)
+    agent = syscalls.clone(0)
+    if agent:
+        init.run(agent, status, plan.last_cap)
     capabilities.restrict(plan.last_cap)
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)
