@@ -273,3 +273,21 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.parametrize("code, syscall", [
+    ("import os; open(D + '/f', 'w').close(); os.chmod(D + '/f', 0o4755)", "chmod"),
+    ("import os; os.close(os.open(D + '/g', os.O_CREAT | os.O_WRONLY, 0o2755))", "openat"),
+    ("import os; os.mkdir(D + '/d', 0o2755)", "mkdir"),
+])
+def test_seccomp_refuses_setuid_and_setgid_modes(tmp_path, code, syscall):
+    """A set-id file left in the writable directory would run with the agent's ids outside,
+    where that filesystem is not mounted nosuid."""
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    ran = run_agent([PYTHON, "-I", "-c", f"D = {str(tmp_path)!r}; {code}"], "deliver",
+                    overrides={"filesystem.writable": str(tmp_path),
+                               "exit.require_full_read": "false"})
+    assert ran.result.outcome is Outcome.VIOLATION, ran.stderr
+    assert ran.result.denied_syscall == syscall
+    assert not any(p.stat().st_mode & 0o6000 for p in tmp_path.iterdir())

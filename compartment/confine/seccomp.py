@@ -27,7 +27,6 @@ from compartment.confine.errors import fail
 from compartment.policy import Network, Seccomp
 
 STEP = "seccomp"
-CACHE_VERSION = "1"
 
 # Named groups, in the manner of systemd's @mount, @module… Members missing on this
 # architecture are skipped.
@@ -52,6 +51,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                 "sysfs", "_sysctl", "nfsservctl", "fanotify_init"),
     # For allow-list policies: what a static program's C library needs to start, read and
     # write its descriptors and exit, plus what compartment's own last steps call before exec.
+    # Nothing that opens or creates a file: the prison works on the descriptors it is given.
     "@basic": ("read", "write", "readv", "writev", "pread64", "pwrite64", "lseek", "close",
                "fstat", "newfstatat", "statx", "exit", "exit_group", "brk", "mmap", "munmap",
                "mremap", "mprotect", "madvise", "arch_prctl", "set_tid_address",
@@ -59,9 +59,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
                "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "futex",
                "clock_gettime", "gettimeofday", "nanosleep", "clock_nanosleep", "getpid",
                "gettid", "getuid", "geteuid", "getgid", "getegid", "uname", "fcntl",
-               "dup", "dup2", "dup3", "close_range", "sendmsg", "sendto", "execve", "readlink",
-               "access", "faccessat", "faccessat2", "openat", "open", "getcwd", "tgkill", "poll",
-               "ppoll", "pipe2"),
+               "dup", "dup2", "dup3", "close_range", "sendmsg", "sendto", "execve", "getcwd",
+               "readlink", "readlinkat",
+               "tgkill", "poll", "ppoll", "pipe2"),
 }
 # Always denied, whatever the policy: the sandbox's own walls and the kernel's riskiest surface.
 BASELINE = ("@mount", "@namespace", "@debug", "@module", "@reboot", "@swap", "@keyring", "@bpf",
@@ -72,6 +72,9 @@ _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
 _AF_UNIX, _ENOSYS = 1, 38
+_S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
+_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "mkdir": 1,
+                  "mkdirat": 2, "mknod": 1, "mknodat": 2, "creat": 1}
 
 
 class FilterError(Exception):
@@ -98,8 +101,11 @@ def expand(names: tuple[str, ...]) -> list[str]:
 
 def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
     """Supervisor side: the cached program for this policy, compiled on a miss."""
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, platform.machine(), spec.default, spec.allow,
-                                     spec.deny, network.unix_sockets]).encode()).hexdigest()
+    # The key covers this file too: a change to the rules below must not reuse an old program.
+    with open(__file__, "rb") as rules:
+        key = hashlib.sha256(rules.read() + json.dumps(
+            [platform.machine(), spec.default, spec.allow, spec.deny,
+             network.unix_sockets]).encode()).hexdigest()
     cache = _cache_dir()
     cached = _read_cache(cache, key) if cache else None
     if cached:
@@ -166,9 +172,26 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
             flt.add_rule(notify, "clone", arg(0, ps.MASKED_EQ, flag, flag))
         for request in (_TIOCSTI, _TIOCLINUX):
             flt.add_rule(notify, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
-    # clone3 passes its flags in memory, out of the filter's sight: refuse it with ENOSYS so
-    # that the C library falls back to clone(), whose flags are checked above.
+        _deny_set_id_modes(ps, flt)
+    # clone3 and openat2 pass their flags in memory, out of the filter's sight: refuse them with
+    # ENOSYS so that the C library falls back to clone() and openat(), checked above.
     flt.add_rule(ps.ERRNO(_ENOSYS), "clone3")
+    flt.add_rule(ps.ERRNO(_ENOSYS), "openat2")
+
+
+def _deny_set_id_modes(ps: Any, flt: Any) -> None:
+    """No setuid or setgid file or directory: one left in a writable directory would run with
+    the agent's ids for whoever executes it outside, where the mount is not nosuid."""
+    for bit in (_S_ISUID, _S_ISGID):
+        for name, index in _MODE_ARGUMENT.items():
+            try:
+                flt.add_rule(ps.NOTIFY, name, ps.Arg(index, ps.MASKED_EQ, bit, bit))
+            except (OSError, ValueError, RuntimeError):
+                continue  # not a syscall of this architecture or this libseccomp
+        for name, flags in (("open", 1), ("openat", 2)):
+            for creating in (_O_CREAT, _O_TMPFILE):
+                flt.add_rule(ps.NOTIFY, name, ps.Arg(flags, ps.MASKED_EQ, creating, creating),
+                             ps.Arg(flags + 1, ps.MASKED_EQ, bit, bit))
 
 
 def enter(prepared: syscalls.PreparedFilter) -> int:
