@@ -29,6 +29,10 @@ _KILLED = {"timeout": Outcome.TIMEOUT, "output-limit": Outcome.OUTPUT_LIMIT,
 UNREAD = "agent exited 0 without reading the whole message"
 
 
+class Interrupted(Exception):
+    """Raised by the command's signal handlers: the run is abandoned, the agent killed."""
+
+
 def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Stream = 1,
         stderr: Stream = 2, env: Mapping[str, str] | None = None,
         exit_codes: str = "sysexits", agent_exit_codes: str | None = None,
@@ -44,6 +48,9 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
         result = _classify(watch, prepared, policy, argv, caller, agent)
     except ConfigError as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
+    except Interrupted as err:
+        result = failure(Outcome.INTERNAL_ERROR, f"interrupted by {err}; the compartment was "
+                         "killed", policy.name, argv, caller, started)
     except Exception as err:  # noqa: BLE001 - the one catch-all: a bug here must not bounce mail
         result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
                          policy.name, argv, caller, started)

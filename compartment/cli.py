@@ -13,6 +13,7 @@ convention, with the reason on stderr.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -65,8 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from compartment.api import failure, finish, run
+    from compartment.api import Interrupted, failure, finish, run
     from compartment.policy import Policy, PolicyError
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    # The runner never dies by a signal: Exim bounces a pipe command killed by one.  A signal
+    # ends the run as a temporary failure, after the compartment is killed and reported.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGALRM):
+        signal.signal(signum, interrupted)
 
     caller = Convention(args.exit_codes)
     program = args.program[1:] if args.program[:1] == ["--"] else args.program

@@ -199,3 +199,15 @@ def test_cli_run_bad_policy_is_a_temporary_failure_with_a_reason():
                             capture_output=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 75
     assert result.stderr.startswith(b"4.3.5 compartment: policy: /nonexistent.toml: cannot read")
+
+
+def test_cli_terminated_by_a_signal_exits_temporary_and_kills_the_agent(tmp_path):
+    report = tmp_path / "r.jsonl"
+    cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--", "/bin/sleep", "60"],
+                           stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    cli.terminate()
+    _, stderr = cli.communicate(timeout=10)
+    assert cli.returncode == 75
+    assert stderr.startswith(b"4.3.0 compartment: interrupted by SIGTERM")
+    assert json.loads(report.read_text())["outcome"] == "internal-error"
