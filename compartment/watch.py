@@ -83,13 +83,17 @@ class Watch:
             handlers[self.err_r] = self._on_diagnostics
         for fd in handlers:
             poller.register(fd, select.POLLIN)
+        listening = False
         # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
         while set(handlers) - {self.listener}:
-            for fd, _ in poller.poll(self._poll_ms()):
-                if not handlers[fd]():
+            for fd, events in poller.poll(self._poll_ms()):
+                # On the listener, POLLHUP without POLLIN: no task uses the filter any more.
+                hung_up = fd == self.listener and not events & select.POLLIN
+                if hung_up or not handlers[fd]():
                     poller.unregister(fd)
                     del handlers[fd]
-                if self.listener >= 0 and self.listener not in handlers:
+                if self.listener >= 0 and not listening:
+                    listening = True
                     handlers[self.listener] = self._on_notification
                     poller.register(self.listener, select.POLLIN)
             if self.killed_for is None and time.monotonic() >= self.deadline:
@@ -138,8 +142,7 @@ class Watch:
         try:
             fcntl.ioctl(self.listener, syscalls.SECCOMP_IOCTL_NOTIF_RECV, notification, True)
         except OSError as err:
-            # ENOENT: the caller died before we read it; anything else: the filter's users
-            # are gone (POLLHUP).  Either way there is nothing more to hear.
+            # ENOENT: the task died before we read its notification; there may be others.
             return err.errno == errno.ENOENT
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:

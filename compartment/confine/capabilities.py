@@ -40,8 +40,7 @@ def drop_all(last_cap: int) -> None:
     try:
         syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL,
                        "prctl(PR_CAP_AMBIENT)")
-        for capset in (prctl.cap_effective, prctl.cap_inheritable, prctl.cap_permitted):
-            capset.limit()
+        syscalls.capset_empty()
     except OSError as err:
         raise fail(STEP, "capset", err) from None
     left = {name: hex(mask) for name, mask in syscalls.capget().items() if mask}

@@ -15,7 +15,6 @@ namespace, or the remount would fail.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
 from compartment import syscalls
@@ -39,11 +38,14 @@ class Entry:
     kind: str  # "ro", "rw", "dev" (bind mounts) or "symlink"
     target: str
     source: str
+    directory: bool = False  # a directory is bound onto a directory, anything else onto a file
+    remount: int = 0  # flags for the bind's remount; 0 for none
 
 
 @dataclass(frozen=True)
 class Plan:
     entries: tuple[Entry, ...]
+    directories: tuple[str, ...]  # to create on the new root, parents first
     tmp_bytes: int
     proc: bool
 
@@ -69,7 +71,43 @@ def plan(policy: Filesystem, program: str) -> Plan:
     if not any(_covers(e, program) for e in entries):
         entries.append(Entry("ro", program, program))
     entries += [Entry("dev", f"/dev/{name}", f"/dev/{name}") for name in policy.devices]
-    return Plan(tuple(entries), policy.tmp_bytes, policy.proc)
+    entries = [_describe(entry) for entry in entries]
+    return Plan(tuple(entries), _directories(entries, policy), policy.tmp_bytes, policy.proc)
+
+
+def _describe(entry: Entry) -> Entry:
+    """Work the child would otherwise repeat on every run: what the source is, and the remount
+    flags — nosuid, nodev, read-only where asked, plus the flags of the source mount that the
+    kernel locks in a user namespace (noexec, atime), without which the remount fails."""
+    if entry.kind == "symlink":
+        return entry
+    directory = os.path.isdir(entry.source)
+    if entry.kind == "dev":
+        return Entry(entry.kind, entry.target, entry.source, directory)
+    flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | syscalls.MS_NODEV
+    if entry.kind == "ro":
+        flags |= syscalls.MS_RDONLY
+    locked = os.statvfs(entry.source).f_flag
+    flags |= sum(ms for st, ms in _PRESERVED if locked & st)
+    return Entry(entry.kind, entry.target, entry.source, directory, flags)
+
+
+def _directories(entries: list[Entry], policy: Filesystem) -> tuple[str, ...]:
+    wanted = ["/tmp"] if policy.tmp_bytes else []
+    for entry in entries:
+        wanted.append(os.path.dirname(entry.target))
+        if entry.directory:
+            wanted.append(entry.target)
+    if policy.proc:
+        wanted.append("/proc")
+    ordered: list[str] = []
+    for path in wanted:
+        parts = path.strip("/").split("/")
+        for depth in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:depth])
+            if prefix != "/" and prefix not in ordered:
+                ordered.append(prefix)
+    return tuple(ordered)
 
 
 def _covers(entry: Entry, path: str) -> bool:
@@ -84,18 +122,18 @@ def enter(fs: Plan) -> None:
     sources = {e.source: _open_path(e.source) for e in fs.entries if e.kind != "symlink"}
     _mount("tmpfs", STAGE, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
            "size=1m,nr_inodes=4096,mode=0755")
-    if fs.tmp_bytes:  # first, so that declared paths below /tmp are shown on top of it
-        _make_dir(STAGE + "/tmp")
-        _mount("tmpfs", STAGE + "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
-               f"size={fs.tmp_bytes},mode=1777")
+    for path in fs.directories:
+        _call("mkdir", path, os.mkdir, STAGE + path, 0o755)
+        if path == "/tmp" and fs.tmp_bytes:
+            # First, so that declared paths below /tmp are shown on top of it.
+            _mount("tmpfs", STAGE + "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
+                   f"size={fs.tmp_bytes},mode=1777")
     for entry in fs.entries:
         if entry.kind == "symlink":
-            _make_parents(entry.target)
             _call("symlink", entry.target, os.symlink, entry.source, STAGE + entry.target)
         else:
             _bind(entry, sources[entry.source])
     if fs.proc:
-        _make_dir(STAGE + "/proc")
         _mount("proc", STAGE + "/proc", "proc",
                syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     _mount(None, STAGE, None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY | syscalls.MS_NOSUID
@@ -105,23 +143,14 @@ def enter(fs: Plan) -> None:
 
 def _bind(entry: Entry, source_fd: int) -> None:
     target = STAGE + entry.target
-    _make_parents(entry.target)
-    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
-        _make_dir(target)
-    else:
-        _call("mknod", target, lambda: os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)))
+    if not entry.directory:
+        _call("mknod", target, os.mknod, target, 0o600)
     # Bind through the O_PATH descriptor: the path opened in the parent's view is the one shown,
     # even though the staging tmpfs now covers /tmp.
     _mount(f"/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND)
     os.close(source_fd)
-    if entry.kind == "dev":
-        return
-    flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | syscalls.MS_NODEV
-    if entry.kind == "ro":
-        flags |= syscalls.MS_RDONLY
-    locked = os.statvfs(target).f_flag
-    flags |= sum(ms for st, ms in _PRESERVED if locked & st)
-    _mount(None, target, None, flags)
+    if entry.remount:
+        _mount(None, target, None, entry.remount)
 
 
 def _pivot() -> None:
@@ -141,14 +170,6 @@ def _open_path(path: str) -> int:
         return os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
         raise fail(STEP, "open", err, path) from None
-
-
-def _make_parents(target: str) -> None:
-    _make_dir(STAGE + os.path.dirname(target))
-
-
-def _make_dir(path: str) -> None:
-    _call("mkdir", path, os.makedirs, path, 0o755, True)
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
