@@ -77,7 +77,7 @@ def enter(plan: Plan, status: socket.socket) -> None:
     filesystem.enter(plan.filesystem)
     agent = syscalls.clone(0)
     if agent:
-        init.run(agent, status, plan.last_cap)
+        init.run(agent, status)
     capabilities.restrict(plan.last_cap)
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)

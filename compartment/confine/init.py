@@ -8,8 +8,10 @@ agent's wait status to the supervisor as one fixed-size record and exits, which 
 kill whatever the agent left behind.
 
 Child side, pid 1, before the ids change: it keeps its uid (root, or the caller's in a user
-namespace) but gives up every capability and sets no_new_privs, and holds no descriptor but the
-status socket, so the agent can neither use nor borrow anything from it.
+namespace) but clears its capability sets and sets no_new_privs, and holds no descriptor but the
+status socket, so the agent can neither use nor borrow anything from it.  It never execs, so the
+bounding set and securebits, which only matter across exec, are left to the agent's own steps;
+those are on the agent's critical path, this is not.
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ import struct
 
 import prctl
 
-from compartment.confine import capabilities
+from compartment import syscalls
 
 EXIT_RECORD = struct.Struct("8si")
 EXIT_TAG = b"exited"
 
 
-def run(agent: int, status: socket.socket, last_cap: int) -> None:
+def run(agent: int, status: socket.socket) -> None:
     """Never returns: waits for the agent, reports its status, exits."""
     keep = status.fileno()
     os.closerange(0, keep)
     os.closerange(keep + 1, 1 << 20)
-    capabilities.restrict(last_cap)
-    capabilities.drop_all(last_cap)
+    syscalls.capset_empty()
     prctl.set_no_new_privs(1)
     prctl.set_pdeathsig(signal.SIGKILL)  # the supervisor gone: the whole namespace goes
     while True:

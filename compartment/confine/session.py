@@ -22,8 +22,10 @@ STEP = "session"
 def enter() -> None:
     try:
         os.setsid()
-        for signum in signal.valid_signals():
-            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        # The signal module knows every disposition: it read them all at start-up and made
+        # every change since, so only those not at SIG_DFL need a call.
+        for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+            if signal.getsignal(signum) is not signal.SIG_DFL:
                 signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl.set_pdeathsig(signal.SIGKILL)
