@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO
 
+from compartment import message
 from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
 from compartment.policy import Policy
 from compartment.report import Result, append
@@ -39,14 +40,24 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
         report: str | None = None) -> Result:
     """Run argv confined by policy; the message is read from stdin by the agent itself."""
     caller = Convention(exit_codes)
-    agent = Convention(agent_exit_codes or policy.exit.agent_codes)
     fds = (_fileno(stdin), _fileno(stdout), _fileno(stderr))
+    result, diagnostics = execute(argv, policy, fds, env, caller, agent_exit_codes)
+    finish(result, fds[2], diagnostics, report or policy.report.path, caller)
+    return result
+
+
+def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
+            env: Mapping[str, str] | None, caller: Convention,
+            agent_exit_codes: str | None = None) -> tuple[Result, bytes]:
+    """One run without telling anyone: the Result and what the agent said on stderr."""
+    agent = Convention(agent_exit_codes or policy.exit.agent_codes)
     started = time.monotonic()
     watch: Watch | None = None
     try:
-        watch, prepared = supervise(argv, policy, fds, env)
-        result = _classify(watch, prepared, policy, argv, caller, agent)
-    except ConfigError as err:
+        with message.handed(fds[0], policy.message.stdin, policy.message.max_bytes) as stdin:
+            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
+            result = _classify(watch, prepared, policy, argv, caller, agent)
+    except (ConfigError, message.MessageError) as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
     except Interrupted as err:
         result = failure(Outcome.INTERNAL_ERROR, f"interrupted by {err}; the compartment was "
@@ -54,9 +65,7 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
     except Exception as err:  # noqa: BLE001 - the one catch-all: a bug here must not bounce mail
         result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
                          policy.name, argv, caller, started)
-    finish(result, fds[2], bytes(watch.diagnostics) if watch else b"",
-           report or policy.report.path, caller)
-    return result
+    return result, bytes(watch.diagnostics) if watch else b""
 
 
 def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str],
@@ -74,7 +83,7 @@ def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path
     """Tell the caller: the reason line first (MTAs read the first line), then what the agent
     said, all under 4 KiB; then the report line."""
     text = b""
-    if result.outcome not in (Outcome.OK, Outcome.AGENT_FAILED) or _unread(result):
+    if _said_by_runner(result):
         permanent = result.exit_status in (77, 100)
         text = diagnostic_line(result.outcome, result.reason, caller, permanent).encode()
     text = (text + agent_diagnostics)[:DIAGNOSTIC_BYTES - 1]
@@ -85,8 +94,16 @@ def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path
     _write_all(stderr_fd, text)
 
 
-def _unread(result: Result) -> bool:
-    return result.reason == UNREAD
+def _said_by_runner(result: Result) -> bool:
+    """Is the exit status the runner's decision, rather than the agent's own status?"""
+    if result.outcome is Outcome.OK:
+        return False
+    return not (result.outcome is Outcome.AGENT_FAILED and
+                result.reason == agent_reason(result.agent_status))
+
+
+def agent_reason(code: int | None) -> str:
+    return f"agent exited with status {code}"
 
 
 def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[str],
@@ -148,7 +165,7 @@ def _outcome(watch: Watch, policy: Policy,
         return Outcome.SIGNAL, f"killed by {name}", None, signum
     if code == 0:
         return Outcome.OK, "delivered", 0, None
-    return Outcome.AGENT_FAILED, f"agent exited with status {code}", code, None
+    return Outcome.AGENT_FAILED, agent_reason(code), code, None
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:

@@ -36,19 +36,29 @@ def _parser() -> argparse.ArgumentParser:
     top = _Parser(prog="compartment", description="Run a mail agent confined by the kernel.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
+    filt = commands.add_parser("filter", help="run PROGRAM confined; its stdout is the new "
+                               "message, handed on to a file, sendmail or stdout")
     check = commands.add_parser("check", help="validate a policy and print it resolved")
     commands.add_parser("policies", help="list the shipped policies")
-    for sub in (run, check):
+    destination = filt.add_mutually_exclusive_group()
+    destination.add_argument("--output", metavar="PATH",
+                             help="write the new message to PATH (whole, or not at all)")
+    destination.add_argument("--reinject", nargs="+", metavar="ADDRESS",
+                             help="SENDER RECIPIENT...: re-inject with sendmail -G -i")
+    filt.add_argument("--sendmail", default="/usr/sbin/sendmail", metavar="PATH",
+                      help="the sendmail program for --reinject")
+    for sub in (run, check, filt):
         sub.add_argument("-p", "--policy", default="filter",
                          help="a shipped policy name or a TOML file (default: filter)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override one policy key, e.g. limits.cpu_seconds=10")
-    run.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
-                     help="the exit-status convention of the caller (default: sysexits)")
-    run.add_argument("--agent-exit-codes", choices=("sysexits", "qmail"),
-                     help="the convention the agent speaks (default: the policy's)")
-    run.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
-    run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
+    for sub in (run, filt):
+        sub.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
+                         help="the exit-status convention of the caller (default: sysexits)")
+        sub.add_argument("--agent-exit-codes", choices=("sysexits", "qmail"),
+                         help="the convention the agent speaks (default: the policy's)")
+        sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
+        sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
     return top
 
 
@@ -62,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _policies()
     if args.command == "check":
         return _check(args)
-    return _run(args)
+    return _run(args)  # run and filter
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -82,8 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     started = time.monotonic()
     if not program:
-        return _usage_failure(["--exit-codes", args.exit_codes], "compartment run: no PROGRAM "
-                              "given (compartment run [OPTIONS] -- PROGRAM [ARG...])")
+        return _usage_failure(["--exit-codes", args.exit_codes], f"compartment {args.command}: no "
+                              "PROGRAM given (compartment run [OPTIONS] -- PROGRAM [ARG...])")
     try:
         policy = Policy.load(args.policy, args.set)
     except PolicyError as err:
@@ -91,8 +101,15 @@ def _run(args: argparse.Namespace) -> int:
                          started)
         finish(result, 2, b"", args.report or "", caller)
         return result.exit_status
-    result = run(program, policy, exit_codes=caller, agent_exit_codes=args.agent_exit_codes,
-                 report=args.report)
+    if args.command == "filter":
+        from compartment.filtering import filter_message
+
+        result = filter_message(program, policy, output=args.output, reinject=args.reinject,
+                                sendmail=args.sendmail, exit_codes=caller,
+                                agent_exit_codes=args.agent_exit_codes, report=args.report)
+    else:
+        result = run(program, policy, exit_codes=caller, agent_exit_codes=args.agent_exit_codes,
+                     report=args.report)
     return result.exit_status
 
 

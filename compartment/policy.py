@@ -238,6 +238,23 @@ class Exit:
 
 
 @dataclass(frozen=True)
+class Message:
+    stdin: str = _field(_choice("direct", "memfd", "file"), "direct",
+                        '"direct": the caller\'s descriptor as it is; "memfd": a sealed '
+                        'read-only copy (seekable); "file": a private temporary copy the agent '
+                        "may edit")
+    max_bytes: int = _field(_size, 1 << 30, "largest message copied for memfd, file or the "
+                                             "filter's spool; larger is a temporary failure")
+
+
+@dataclass(frozen=True)
+class Filter:
+    on_failure: str = _field(_choice("defer", "pass"), "defer",
+                             '`compartment filter` when the agent fails or writes nothing: '
+                             '"defer" (temporary failure) or "pass" the original on unchanged')
+
+
+@dataclass(frozen=True)
 class Report:
     path: str = _field(_text, "", "file to append one JSON line per run to; empty: none")
 
@@ -245,7 +262,7 @@ class Report:
 _SECTIONS: dict[str, type] = {
     "filesystem": Filesystem, "identity": Identity, "limits": Limits, "network": Network,
     "seccomp": Seccomp, "environment": Environment, "descriptors": Descriptors, "exit": Exit,
-    "report": Report,
+    "message": Message, "filter": Filter, "report": Report,
 }
 
 
@@ -262,6 +279,8 @@ class Policy:
     environment: Environment
     descriptors: Descriptors
     exit: Exit
+    message: Message
+    filter: Filter
     report: Report
 
     @property
