@@ -114,8 +114,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from compartment.confine.seccomp import FilterError, compile_filter
     from compartment.policy import Policy, PolicyError
+    from compartment.syscall_filter import FilterError, compile_filter
 
     try:
         policy = Policy.load(args.policy, args.set)

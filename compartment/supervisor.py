@@ -18,8 +18,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from compartment import syscalls, uidpool
-from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, seccomp
+from compartment import syscall_filter, syscalls, uidpool
+from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child
 from compartment.policy import Policy
 from compartment.watch import Watch
 
@@ -31,7 +31,7 @@ class ConfigError(Exception):
 @dataclass
 class Prepared:
     plan: Plan
-    compiled: seccomp.CompiledFilter
+    compiled: syscall_filter.CompiledFilter
     lease: uidpool.Lease | None
     stdin_fd: int
     stdin_offset: int | None  # None when stdin is not a regular file
@@ -57,8 +57,8 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     try:
         fs = filesystem.plan(policy.filesystem, program)
         uid, gid, lease = _identity(policy, unprivileged)
-        compiled = seccomp.compile_filter(policy.seccomp, policy.network)
-    except (filesystem.PlanError, seccomp.FilterError, uidpool.PoolExhausted) as err:
+        compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
+    except (filesystem.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         if lease:
             lease.release()
         raise ConfigError(str(err)) from None

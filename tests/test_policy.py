@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compartment import Policy, PolicyError
-from compartment.confine.seccomp import FilterError, compile_filter
 from compartment.policy import shipped
+from compartment.syscall_filter import FilterError, compile_filter
 
 
 def load_text(tmp_path, text, overrides=()):

@@ -1,0 +1,235 @@
+"""The syscall filter: the policy's seccomp section compiled into a BPF program, once.
+
+Supervisor side, before clone (the child only loads the result: compartment.confine.seccomp).
+The policy's groups and names become a BPF program through libseccomp (pyseccomp).  Compiling
+costs tens of milliseconds, mostly in importing pyseccomp, so the program and its syscall-name
+table are cached by a hash of everything they depend on, in a directory only the caller can
+write.  Denied syscalls return SECCOMP_RET_USER_NOTIF: the calling
+thread stops in the kernel, the supervisor reads which syscall it was from the listener and kills
+the compartment, and the report names the syscall.  Syscalls of other ABIs (i386, x32) never
+reach the table: the architecture check kills the process outright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from compartment import syscalls
+from compartment.policy import Network, Seccomp
+
+# Named groups, in the manner of systemd's @mount, @module… Members missing on this
+# architecture are skipped.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "@mount": ("mount", "umount2", "pivot_root", "chroot", "fsopen", "fsmount", "fsconfig",
+               "fspick", "move_mount", "open_tree", "mount_setattr"),
+    "@namespace": ("unshare", "setns"),
+    "@debug": ("ptrace", "process_vm_readv", "process_vm_writev", "perf_event_open", "kcmp",
+               "pidfd_getfd", "lookup_dcookie"),
+    "@module": ("init_module", "finit_module", "delete_module", "create_module"),
+    "@reboot": ("reboot", "kexec_load", "kexec_file_load"),
+    "@swap": ("swapon", "swapoff"),
+    "@keyring": ("add_key", "request_key", "keyctl"),
+    "@bpf": ("bpf",),
+    "@io-uring": ("io_uring_setup", "io_uring_enter", "io_uring_register"),
+    "@userfaultfd": ("userfaultfd",),
+    "@handle": ("open_by_handle_at", "name_to_handle_at"),
+    "@accounting": ("acct", "quotactl", "quotactl_fd"),
+    "@clock": ("settimeofday", "clock_settime", "adjtimex", "clock_adjtime"),
+    "@raw-io": ("iopl", "ioperm"),
+    "@system": ("sethostname", "setdomainname", "syslog", "vhangup", "uselib", "ustat",
+                "sysfs", "_sysctl", "nfsservctl", "fanotify_init"),
+    # For allow-list policies: what a static program's C library needs to start, read and
+    # write its descriptors and exit, plus what compartment's own last steps call before exec.
+    # Nothing that opens or creates a file: the prison works on the descriptors it is given.
+    "@basic": ("read", "write", "readv", "writev", "pread64", "pwrite64", "lseek", "close",
+               "fstat", "newfstatat", "statx", "exit", "exit_group", "brk", "mmap", "munmap",
+               "mremap", "mprotect", "madvise", "arch_prctl", "set_tid_address",
+               "set_robust_list", "rseq", "prlimit64", "getrlimit", "setrlimit", "getrandom",
+               "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "futex",
+               "clock_gettime", "gettimeofday", "nanosleep", "clock_nanosleep", "getpid",
+               "gettid", "getuid", "geteuid", "getgid", "getegid", "uname", "fcntl",
+               "dup", "dup2", "dup3", "close_range", "sendmsg", "sendto", "execve", "getcwd",
+               "readlink", "readlinkat",
+               "tgkill", "poll", "ppoll", "pipe2"),
+}
+# Always denied, whatever the policy: the sandbox's own walls and the kernel's riskiest surface.
+BASELINE = ("@mount", "@namespace", "@debug", "@module", "@reboot", "@swap", "@keyring", "@bpf",
+            "@io-uring", "@userfaultfd", "@handle", "@accounting", "@clock", "@raw-io", "@system")
+
+_NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
+                    0x02000000, 0x00000080)  # CLONE_NEW{NS,UTS,IPC,USER,PID,NET,CGROUP,TIME}
+_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
+_SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
+_AF_UNIX, _ENOSYS = 1, 38
+_S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
+_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "mkdir": 1,
+                  "mkdirat": 2, "mknod": 1, "mknodat": 2, "creat": 1}
+
+
+class FilterError(Exception):
+    """The policy names a syscall this kernel's libseccomp does not know, or compiling failed."""
+
+
+@dataclass(frozen=True)
+class CompiledFilter:
+    bpf: bytes
+    names: dict[int, str]  # syscall number -> name, to report a violation
+
+    def prepare(self) -> syscalls.PreparedFilter:
+        return syscalls.PreparedFilter(self.bpf)
+
+
+def expand(names: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if name.startswith("@") and name not in GROUPS:
+            raise FilterError(f"seccomp: unknown group {name!r} (groups: {', '.join(GROUPS)})")
+        out += GROUPS[name] if name.startswith("@") else (name,)
+    return out
+
+
+def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
+    """Supervisor side: the cached program for this policy, compiled on a miss."""
+    # The key covers this file too: a change to the rules below must not reuse an old program.
+    with open(__file__, "rb") as rules:
+        key = hashlib.sha256(rules.read() + json.dumps(
+            [platform.machine(), spec.default, spec.allow, spec.deny,
+             network.unix_sockets]).encode()).hexdigest()
+    cache = _cache_dir()
+    cached = _read_cache(cache, key) if cache else None
+    if cached:
+        return cached
+    compiled = _compile(spec, network)
+    if cache:
+        _write_cache(cache, key, compiled)
+    return compiled
+
+
+def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
+    import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
+
+    notify = pyseccomp.NOTIFY
+    denied = set(expand(BASELINE + spec.deny))
+    walls = set(expand(BASELINE)) & set(expand(spec.allow))
+    if walls:
+        raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
+                          "which no policy can allow")
+    allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
+    flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
+    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
+    explicit = set(expand(spec.allow + spec.deny))
+    # In allow-list mode a denied name is simply not allowed: the default already notifies.
+    rules = allowed if spec.default == "kill" else denied
+    for name in sorted(rules):
+        try:
+            flt.add_rule(pyseccomp.ALLOW if name in allowed else notify, name)
+        except (OSError, ValueError, RuntimeError) as err:
+            if name in explicit:
+                raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
+            # A group member this architecture does not have: nothing to filter.
+    _add_argument_rules(pyseccomp, flt, network, spec.default == "kill")
+    with tempfile.TemporaryFile() as out:
+        flt.export_bpf(out)
+        out.seek(0)
+        bpf = out.read()
+    arch = pyseccomp.system_arch()
+    names = {}
+    for nr in range(1024):
+        try:
+            names[nr] = pyseccomp.resolve_syscall(arch, nr).decode()
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return CompiledFilter(bpf, names)
+
+
+def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -> None:
+    """Rules that look at arguments.  In allow-list mode the default already kills, so only
+    the permitted forms are added (libseccomp refuses a rule that repeats the default)."""
+    arg, notify, allow = ps.Arg, ps.NOTIFY, ps.ALLOW
+    if allow_list:
+        if network.unix_sockets:
+            flt.add_rule(allow, "socket", arg(0, ps.EQ, _AF_UNIX))
+            flt.add_rule(allow, "socketpair")
+        flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
+        for request in _SAFE_IOCTLS:  # the kernel reads the request as 32 bits
+            flt.add_rule(allow, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
+    else:
+        flt.add_rule(notify, "socket", *([arg(0, ps.NE, _AF_UNIX)] if network.unix_sockets
+                                         else []))
+        for flag in _NAMESPACE_FLAGS:  # clone() that would make a namespace
+            flt.add_rule(notify, "clone", arg(0, ps.MASKED_EQ, flag, flag))
+        for request in (_TIOCSTI, _TIOCLINUX):
+            flt.add_rule(notify, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
+        _deny_set_id_modes(ps, flt)
+    # clone3 and openat2 pass their flags in memory, out of the filter's sight: refuse them with
+    # ENOSYS so that the C library falls back to clone() and openat(), checked above.
+    flt.add_rule(ps.ERRNO(_ENOSYS), "clone3")
+    flt.add_rule(ps.ERRNO(_ENOSYS), "openat2")
+
+
+def _deny_set_id_modes(ps: Any, flt: Any) -> None:
+    """No setuid or setgid file or directory: one left in a writable directory would run with
+    the agent's ids for whoever executes it outside, where the mount is not nosuid."""
+    for bit in (_S_ISUID, _S_ISGID):
+        for name, index in _MODE_ARGUMENT.items():
+            try:
+                flt.add_rule(ps.NOTIFY, name, ps.Arg(index, ps.MASKED_EQ, bit, bit))
+            except (OSError, ValueError, RuntimeError):
+                continue  # not a syscall of this architecture or this libseccomp
+        for name, flags in (("open", 1), ("openat", 2)):
+            for creating in (_O_CREAT, _O_TMPFILE):
+                flt.add_rule(ps.NOTIFY, name, ps.Arg(flags, ps.MASKED_EQ, creating, creating),
+                             ps.Arg(flags + 1, ps.MASKED_EQ, bit, bit))
+
+
+def _cache_dir() -> str | None:
+    if os.geteuid() == 0:
+        path = "/var/cache/compartment/seccomp"
+    else:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        path = os.path.join(home, "compartment", "seccomp")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.stat(path)
+    except OSError:
+        return None  # no cache: compile every time, slower but the same filter
+    # A cache others can write could hand us a weaker filter: use it only if it is ours alone.
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return None
+    return path
+
+
+def _read_cache(cache: str, key: str) -> CompiledFilter | None:
+    try:
+        fd = os.open(os.path.join(cache, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return None
+        try:
+            data = json.loads(file.read())
+            return CompiledFilter(bytes.fromhex(data["bpf"]),
+                                  {int(k): v for k, v in data["names"].items()})
+        except (ValueError, KeyError, TypeError):
+            return None  # a torn or foreign file: recompile and replace it
+
+
+def _write_cache(cache: str, key: str, compiled: CompiledFilter) -> None:
+    text = json.dumps({"bpf": compiled.bpf.hex(), "names": compiled.names})
+    try:
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.rename(tmp, os.path.join(cache, key))
+    except OSError:
+        return  # the cache is an optimisation; the compiled filter is used either way
