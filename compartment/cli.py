@@ -114,17 +114,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from compartment.confine.filesystem import PlanError, plan
     from compartment.policy import Policy, PolicyError
     from compartment.syscall_filter import FilterError, compile_filter
 
     try:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
-    except (PolicyError, FilterError) as err:
+        root = plan(policy.filesystem, program=None)
+    except (PolicyError, FilterError, PlanError) as err:
         print(f"compartment check: {err}", file=sys.stderr)
         return EX_CONFIG
     sys.stdout.write(policy.to_toml())
-    print(f"# seccomp: {len(compiled.bpf) // 8} BPF instructions")
+    print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
+    print("# the agent's root on this machine (besides the program itself):")
+    for entry in root.entries:
+        arrow = " -> " if entry.kind == "symlink" else " from "
+        source = "" if entry.source == entry.target else arrow + entry.source
+        print(f"#   {entry.kind:7} {entry.target}{source}")
+    if root.tmp_bytes:
+        print(f"#   tmpfs   /tmp ({root.tmp_bytes} bytes)")
     return 0
 
 

@@ -50,7 +50,7 @@ class Plan:
     proc: bool
 
 
-def plan(policy: Filesystem, program: str) -> Plan:
+def plan(policy: Filesystem, program: str | None) -> Plan:
     """Parent side: the list of what the new root holds, checked against this machine."""
     entries: list[Entry] = []
     if policy.root == "system":
@@ -68,7 +68,7 @@ def plan(policy: Filesystem, program: str) -> Plan:
             if kind == "rw" and not os.path.isdir(path):
                 raise PlanError(f"filesystem.writable: {path}: not a directory")
             entries.append(Entry(kind, path, path))
-    if not any(_covers(e, program) for e in entries):
+    if program and not any(_covers(e, program) for e in entries):
         entries.append(Entry("ro", program, program))
     entries += [Entry("dev", f"/dev/{name}", f"/dev/{name}") for name in policy.devices]
     entries = [_describe(entry) for entry in entries]
