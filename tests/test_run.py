@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from agentrun import PYTHON, run_agent
@@ -211,3 +212,23 @@ def test_cli_terminated_by_a_signal_exits_temporary_and_kills_the_agent(tmp_path
     assert cli.returncode == 75
     assert stderr.startswith(b"4.3.0 compartment: interrupted by SIGTERM")
     assert json.loads(report.read_text())["outcome"] == "internal-error"
+
+
+def test_uid_left_dirty_is_swept_before_reuse():
+    """A supervisor that died mid-run leaves its uid's lease marked; the next lease kills every
+    process of that uid (as that uid) before the uid is used again."""
+    uid = 60995
+    straggler = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                  "--clear-groups", "/bin/sleep", "60"])
+    os.makedirs("/run/compartment/uids", exist_ok=True)
+    with open(f"/run/compartment/uids/{uid}", "wb") as lease:
+        lease.write(b"x")  # what a crashed supervisor leaves behind
+    try:
+        ran = run_agent(["/bin/true"], overrides={"identity.uid_pool": f"{uid}-{uid}"})
+        assert ran.result.outcome is Outcome.OK and ran.result.uid == uid
+        assert straggler.wait(timeout=5) == -9  # SIGKILL, from the sweep
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+            straggler.wait()
+    assert Path(f"/run/compartment/uids/{uid}").read_bytes() == b""  # released clean
