@@ -64,7 +64,7 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         raise ConfigError(str(err)) from None
     plan = Plan(unprivileged=unprivileged, uid=uid, gid=gid, filesystem=fs,
                 last_cap=syscalls.cap_last_cap(), rlimits=rlimits.plan(policy.limits),
-                seccomp=compiled.prepare(), handed=(), program=program, argv=tuple(argv),
+                seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
     return Prepared(plan, compiled, lease, stdin_fd, stdin_offset)
 

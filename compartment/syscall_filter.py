@@ -12,6 +12,7 @@ reach the table: the architecture check kills the process outright.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,12 +77,14 @@ class FilterError(Exception):
     """The policy names a syscall this kernel's libseccomp does not know, or compiling failed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CompiledFilter:
     bpf: bytes
     names: dict[int, str]  # syscall number -> name, to report a violation
 
-    def prepare(self) -> syscalls.PreparedFilter:
+    @functools.cached_property
+    def prepared(self) -> syscalls.PreparedFilter:
+        """The program laid out for seccomp(2); read-only after this, so one serves every run."""
         return syscalls.PreparedFilter(self.bpf)
 
 
@@ -94,8 +97,10 @@ def expand(names: tuple[str, ...]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=32)
 def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
-    """Supervisor side: the cached program for this policy, compiled on a miss."""
+    """Supervisor side: the cached program for this policy, compiled on a miss.  A long-lived
+    caller keeps it in memory too: the policy sections are frozen, so equal means same."""
     # The key covers this file too: a change to the rules below must not reuse an old program.
     with open(__file__, "rb") as rules:
         key = hashlib.sha256(rules.read() + json.dumps(

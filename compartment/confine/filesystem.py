@@ -14,6 +14,7 @@ namespace, or the remount would fail.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -51,7 +52,20 @@ class Plan:
 
 
 def plan(policy: Filesystem, program: str | None) -> Plan:
-    """Parent side: the list of what the new root holds, checked against this machine."""
+    """Parent side: the list of what the new root holds, checked against this machine.  The
+    paths the policy names are checked on every run (a mailbox may come and go); the rest of
+    the plan is kept for the life of the process."""
+    for kind, paths in (("readable", policy.readable), ("writable", policy.writable)):
+        for path in paths:
+            if not os.path.exists(path):
+                raise PlanError(f"filesystem.{kind}: {path}: no such file or directory")
+            if kind == "writable" and not os.path.isdir(path):
+                raise PlanError(f"filesystem.writable: {path}: not a directory")
+    return _plan(policy, program)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(policy: Filesystem, program: str | None) -> Plan:
     entries: list[Entry] = []
     if policy.root == "system":
         for path in SYSTEM_DIRS:
@@ -61,13 +75,8 @@ def plan(policy: Filesystem, program: str | None) -> Plan:
                 entries.append(Entry("ro", path, path))
         entries += [Entry("ro", f"/etc/{name}", f"/etc/{name}") for name in policy.etc
                     if os.path.exists(f"/etc/{name}")]
-    for kind, paths in (("ro", policy.readable), ("rw", policy.writable)):
-        for path in paths:
-            if not os.path.exists(path):
-                raise PlanError(f"filesystem: {path}: no such file or directory")
-            if kind == "rw" and not os.path.isdir(path):
-                raise PlanError(f"filesystem.writable: {path}: not a directory")
-            entries.append(Entry(kind, path, path))
+    entries += [Entry("ro", path, path) for path in policy.readable]
+    entries += [Entry("rw", path, path) for path in policy.writable]
     if program and not any(_covers(e, program) for e in entries):
         entries.append(Entry("ro", program, program))
     entries += [Entry("dev", f"/dev/{name}", f"/dev/{name}") for name in policy.devices]
