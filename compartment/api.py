@@ -12,6 +12,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import termios
 import time
 from collections.abc import Mapping, Sequence
@@ -169,10 +170,14 @@ def _outcome(watch: Watch, policy: Policy,
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:
-    """Did the agent consume all of stdin?  A file: the offset reached its end.  A pipe: no
-    byte is waiting and the writer has closed it."""
+    """Did the agent consume all of stdin?  A file: the offset reached its end.  A pipe or a
+    socket: no byte is waiting and the writer has closed it.  Anything else (/dev/null, a
+    terminal) cannot be told, and a message must not be retried, and so delivered twice, on a
+    guess."""
     if offset is not None:
         return os.lseek(fd, 0, os.SEEK_CUR) >= os.fstat(fd).st_size
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return True
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     events = dict(poller.poll(0)).get(fd, 0)

@@ -53,8 +53,10 @@ _PERMANENT = {Convention.SYSEXITS: ExitStatus.EX_NOPERM,
               Convention.QMAIL: ExitStatus.QMAIL_PERMANENT}
 
 _QMAIL_PERMANENT_CODES = frozenset({64, 65, 70, 76, 77, 78, 100, 112})
-_SYSEXITS_TEMPORARY_CODES = frozenset({71, 73, 74, 75})
-_SYSEXITS_CODES = range(64, 79)
+# sysexits.h codes that are a verdict on the message or its recipient: EX_DATAERR, EX_NOUSER,
+# EX_NOHOST, EX_UNAVAILABLE, EX_NOPERM.  The rest (EX_USAGE, EX_SOFTWARE, EX_CONFIG, EX_IOERR,
+# EX_CANTCREAT…) say the agent or its system is broken, which a retry may mend.
+_SYSEXITS_PERMANENT_CODES = frozenset({65, 67, 68, 69, 77})
 
 # RFC 3463 enhanced status codes for the first stderr line of a runner-caused failure.
 _ENHANCED = {
@@ -78,17 +80,17 @@ def classify(code: int, convention: Convention) -> Verdict:
         return Verdict.PERMANENT if code in _QMAIL_PERMANENT_CODES else Verdict.TEMPORARY
     if code == 0:
         return Verdict.SUCCESS
-    if code in _SYSEXITS_CODES and code not in _SYSEXITS_TEMPORARY_CODES:
-        return Verdict.PERMANENT
-    # 71/73/74/75, and codes outside sysexits.h (1, 2, 126, 127…): a crash or a script's
-    # generic failure is not a verdict on the message, so the message is kept and retried.
-    return Verdict.TEMPORARY
+    # Everything else, codes outside sysexits.h included (1, 2, 126, 127…: a crash or a
+    # script's generic failure), is not a verdict on the message: it is kept and retried.
+    return Verdict.PERMANENT if code in _SYSEXITS_PERMANENT_CODES else Verdict.TEMPORARY
 
 
 def translate(code: int, agent: Convention, caller: Convention) -> int:
-    """The status to hand the caller for an agent that exited with `code` by itself."""
+    """The status to hand the caller for an agent that exited with `code` by itself.  A qmail
+    caller reads a qmail agent's code itself; to a sysexits caller a temporary failure is always
+    75, the one code Postfix, Exim and OpenSMTPD all defer on (Postfix bounces 73 and 74)."""
     verdict = classify(code, agent)
-    if agent is caller and (agent is Convention.QMAIL or code == 0 or code in _SYSEXITS_CODES):
+    if agent is caller and (agent is Convention.QMAIL or verdict is Verdict.PERMANENT):
         return code
     if verdict is Verdict.SUCCESS:
         return int(ExitStatus.OK)

@@ -362,16 +362,18 @@ def _override(document: dict[str, Any], key: str, text: str) -> None:
     if parts == ["description"]:
         document["description"] = value
         return
-    if len(parts) == 3 and parts[:2] == ["environment", "set"]:
-        document.setdefault("environment", {}).setdefault("set", {})[parts[2]] = value
-        return
-    if len(parts) != 2 or parts[0] not in _SECTIONS:
+    valid = (len(parts) == 2 and parts[0] in _SECTIONS) or \
+        (len(parts) == 3 and parts[:2] == ["environment", "set"] and parts[2])
+    if not valid:
         raise PolicyError(f"--set {key}: expected SECTION.KEY with a section among "
-                          f"{', '.join(_SECTIONS)}")
-    section = document.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise PolicyError(f"--set {key}: [{parts[0]}] in the policy is not a table")
-    section[parts[1]] = value
+                          f"{', '.join(_SECTIONS)}, or environment.set.NAME")
+    table = document
+    for depth, part in enumerate(parts[:-1]):
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            where = ".".join(parts[:depth + 1])
+            raise PolicyError(f"--set {key}: {where} in the policy is not a table")
+    table[parts[-1]] = value
 
 
 def _build(name: str, source: str, document: dict[str, Any]) -> Policy:

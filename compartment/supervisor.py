@@ -56,13 +56,15 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     lease = None
     try:
         fs = filesystem.plan(policy.filesystem, program)
+        _check_interpreter(program, fs)
         uid, gid, lease = _identity(policy, unprivileged)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
     except (filesystem.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         if lease:
             lease.release()
         raise ConfigError(str(err)) from None
-    plan = Plan(unprivileged=unprivileged, uid=uid, gid=gid, filesystem=fs,
+    plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}",
+                uid=uid, gid=gid, filesystem=fs,
                 last_cap=syscalls.cap_last_cap(), rlimits=rlimits.plan(policy.limits),
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
@@ -140,6 +142,26 @@ def _resolve(name: str, path: str) -> str:
     if not os.path.isfile(found) or not info.st_mode & 0o111:
         raise ConfigError(f"program {found}: not an executable file")
     return os.path.normpath(found)
+
+
+def _check_interpreter(program: str, fs: filesystem.Plan) -> None:
+    """A script's #! interpreter must exist in the new root, or exec fails with a misleading
+    ENOENT that names the script."""
+    try:
+        with open(program, "rb") as file:
+            head = file.read(256)
+    except OSError:
+        return  # execute-only: exec will tell
+    if not head.startswith(b"#!"):
+        return
+    words = head[2:].split(b"\n", 1)[0].split()
+    interpreter = words[0].decode(errors="replace") if words else ""
+    if not interpreter.startswith("/") or not os.path.exists(interpreter):
+        raise ConfigError(f"program {program}: its #! interpreter {interpreter!r} does not "
+                          "exist")
+    if not fs.shows(interpreter):
+        raise ConfigError(f"program {program}: its #! interpreter {interpreter} is not inside "
+                          "the compartment (an empty root shows only static programs)")
 
 
 def _stdin_offset(fd: int) -> int | None:

@@ -69,6 +69,8 @@ _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
 _AF_UNIX, _ENOSYS = 1, 38
 _S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
+_UNSUPPORTED = ("clone3", "openat2", "memfd_create", "memfd_secret", "shmget", "msgget",
+                "semget")
 _MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "mkdir": 1,
                   "mkdirat": 2, "mknod": 1, "mknodat": 2, "creat": 1}
 
@@ -175,8 +177,10 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
         _deny_set_id_modes(ps, flt)
     # clone3 and openat2 pass their flags in memory, out of the filter's sight: refuse them with
     # ENOSYS so that the C library falls back to clone() and openat(), checked above.
-    flt.add_rule(ps.ERRNO(_ENOSYS), "clone3")
-    flt.add_rule(ps.ERRNO(_ENOSYS), "openat2")
+    # Anonymous shared memory (memfd, SysV segments and queues) is held by the kernel, not by
+    # the address space RLIMIT_AS bounds: refused too, as not supported, which callers expect.
+    for name in _UNSUPPORTED:
+        flt.add_rule(ps.ERRNO(_ENOSYS), name)
 
 
 def _deny_set_id_modes(ps: Any, flt: Any) -> None:

@@ -43,8 +43,10 @@ def test_network_namespace_has_only_loopback():
 
 
 def test_uts_namespace_has_its_own_hostname():
-    assert probe("facts").json()["hostname"] == "compartment"
-    assert socket.gethostname() != "compartment"
+    first, second = probe("facts").json()["hostname"], probe("facts").json()["hostname"]
+    assert first.startswith("compartment-") and second.startswith("compartment-")
+    # unique per compartment: Maildir file names are time.pid.host, and every agent is pid 2
+    assert first != second and socket.gethostname() not in (first, second)
 
 
 def test_ipc_namespace_hides_host_shared_memory():
@@ -53,8 +55,8 @@ def test_ipc_namespace_hides_host_shared_memory():
     segment = libc.shmget(key, 4096, 0o1666)  # IPC_CREAT | 0666
     assert segment >= 0
     try:
-        ran = probe("shmget", str(key))
-        assert ran.json() == {"ok": False, "errno": 2}  # ENOENT: not in this namespace
+        ran = probe("shmstat", str(segment))  # not shmget: seccomp refuses that anyway
+        assert ran.json() == {"ok": False, "errno": 22}  # EINVAL: no such id in this namespace
     finally:
         libc.shmctl(segment, 0, None)  # IPC_RMID
 
@@ -228,7 +230,7 @@ def test_unprivileged_mode_through_a_user_namespace(tmp_path):
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert facts["uid"] == [65534] * 3
-    assert facts["pid"] == 2 and facts["hostname"] == "compartment"
+    assert facts["pid"] == 2 and facts["hostname"].startswith("compartment-")
     assert facts["caps"]["effective"] == 0 and facts["caps"]["bounding"] == 0
     assert facts["no_new_privs"] == 1 and facts["seccomp"] == 2
 
@@ -291,3 +293,32 @@ def test_seccomp_refuses_setuid_and_setgid_modes(tmp_path, code, syscall):
     assert ran.result.outcome is Outcome.VIOLATION, ran.stderr
     assert ran.result.denied_syscall == syscall
     assert not any(p.stat().st_mode & 0o6000 for p in tmp_path.iterdir())
+
+
+def test_init_is_out_of_the_agents_reach_in_a_user_namespace():
+    """Unprivileged, the init has the agent's uid: it must be neither readable nor killable."""
+    code = ("import os, signal\nfor path in ('/proc/1/environ', '/proc/1/mem'):\n"
+            "    try:\n        open(path, 'rb').read(1); print('read', path)\n"
+            "    except OSError as e:\n        print('refused', e.errno)\n"
+            "os.kill(1, signal.SIGKILL); os.kill(1, signal.SIGTERM); print('alive')")
+    script = ("import sys; from compartment import Policy, run;"
+              "r = run(['/usr/bin/python3', '-I', '-c', sys.argv[1]],"
+              " Policy.load('filter', {'filesystem.proc': 'true'}));"
+              "print(r.outcome, r.exit_status, file=sys.stderr); sys.exit(r.exit_status)")
+    venv_python = Path(__import__("compartment").__file__).parent.parent / ".venv/bin/python"
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             str(venv_python), "-c", script, code], capture_output=True,
+                            stdin=subprocess.DEVNULL, cwd="/", env={"SECRET": "s3cret"})
+    assert result.stdout.decode().split("\n")[:3] == ["refused 13", "refused 13", "alive"]
+    assert result.returncode == 0 and b"ok 0" in result.stderr
+
+
+@pytest.mark.parametrize("code", ["import os; os.memfd_create('x')",
+                                  "import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+                                  "libc.shmget(0, 1 << 30, 0o1600) < 0 or exit(9); "
+                                  "raise OSError(ctypes.get_errno(), 'shmget')"])
+def test_seccomp_refuses_memory_outside_the_address_space_limit(code):
+    """memfd and SysV segments hold memory that RLIMIT_AS does not count."""
+    ran = run_agent([PYTHON, "-I", "-c", code])
+    assert ran.result.agent_status == 1
+    assert b"OSError: [Errno 38]" in ran.stderr  # ENOSYS

@@ -24,9 +24,12 @@ Q, S = Convention.QMAIL, Convention.SYSEXITS
 
 
 @pytest.mark.parametrize("code, agent, caller, expected", [
-    # same convention: the agent's own code passes through
-    (0, S, S, 0), (65, S, S, 65), (75, S, S, 75), (77, S, S, 77), (78, S, S, 78),
+    # same convention: a verdict on the message passes through, a qmail caller reads all
+    (0, S, S, 0), (65, S, S, 65), (67, S, S, 67), (69, S, S, 69), (77, S, S, 77),
     (0, Q, Q, 0), (99, Q, Q, 99), (100, Q, Q, 100), (111, Q, Q, 111), (1, Q, Q, 1),
+    # to a sysexits caller every temporary failure is 75: Postfix bounces 73, 74, 70, 78
+    (75, S, S, 75), (73, S, S, 75), (74, S, S, 75), (71, S, S, 75), (70, S, S, 75),
+    (78, S, S, 75), (64, S, S, 75), (66, S, S, 75),
     # a sysexits agent's non-sysexits failure is not a verdict on the message: temporary
     (1, S, S, 75), (2, S, S, 75), (126, S, S, 75), (127, S, S, 75), (255, S, S, 75),
     # a qmail script wrapped for Postfix/Exim
@@ -34,7 +37,7 @@ Q, S = Convention.QMAIL, Convention.SYSEXITS
     (1, Q, S, 75), (0, Q, S, 0),
     # a sysexits program run from .qmail
     (75, S, Q, 111), (71, S, Q, 111), (73, S, Q, 111), (74, S, Q, 111), (65, S, Q, 100),
-    (77, S, Q, 100), (78, S, Q, 100), (1, S, Q, 111), (0, S, Q, 0),
+    (77, S, Q, 100), (78, S, Q, 111), (1, S, Q, 111), (0, S, Q, 0), (70, S, Q, 111),
 ])
 def test_agent_code_translation(code, agent, caller, expected):
     assert translate(code, agent, caller) == expected
@@ -43,7 +46,7 @@ def test_agent_code_translation(code, agent, caller, expected):
 @pytest.mark.parametrize("code, convention, verdict", [
     (0, Q, "success"), (99, Q, "success"), (100, Q, "permanent"), (70, Q, "permanent"),
     (111, Q, "temporary"), (0, S, "success"), (75, S, "temporary"), (71, S, "temporary"),
-    (65, S, "permanent"), (1, S, "temporary"),
+    (65, S, "permanent"), (1, S, "temporary"), (70, S, "temporary"), (78, S, "temporary"),
 ])
 def test_classify(code, convention, verdict):
     assert classify(code, convention) == verdict

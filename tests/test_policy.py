@@ -103,8 +103,14 @@ def test_load_and_override_errors(source, overrides, message):
 
 
 def test_override_into_a_non_table(tmp_path):
-    with pytest.raises(PolicyError, match=r"\[limits\] in the policy is not a table"):
+    with pytest.raises(PolicyError, match=r"limits in the policy is not a table"):
         load_text(tmp_path, "limits = 3\n", ["limits.cpu_seconds=3"])
+    with pytest.raises(PolicyError, match=r"environment.set in the policy is not a table"):
+        load_text(tmp_path, "[environment]\nset = 5\n", ["environment.set.X=1"])
+    with pytest.raises(PolicyError, match=r"environment in the policy is not a table"):
+        load_text(tmp_path, "environment = 5\n", ["environment.set.X=1"])
+    with pytest.raises(PolicyError, match=r"environment.set in the policy is not a table"):
+        Policy.load("filter", ["environment.set=", "environment.set.PATH="])
 
 
 @pytest.mark.parametrize("overrides, message", [

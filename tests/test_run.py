@@ -98,9 +98,11 @@ def test_require_full_read_with_a_pipe():
 
 
 def test_agent_status_and_its_stderr_reach_the_caller():
-    ran = run_agent(["/bin/sh", "-c", "echo 'mailbox full' >&2; exit 73"])
-    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.AGENT_FAILED, 73)
-    assert ran.stderr == b"mailbox full\n"
+    ran = run_agent(["/bin/sh", "-c", "echo 'no such user' >&2; exit 67"])
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.AGENT_FAILED, 67)
+    assert ran.stderr == b"no such user\n"
+    ran = run_agent(["/bin/sh", "-c", "echo 'mailbox locked' >&2; exit 73"])
+    assert (ran.result.agent_status, ran.result.exit_status) == (73, 75)  # Postfix bounces 73
 
 
 def test_killed_by_a_signal_is_temporary():
@@ -163,7 +165,7 @@ def test_uid_pool_gives_concurrent_compartments_distinct_uids():
 
 
 def test_uid_pool_exhausted_is_a_temporary_failure():
-    pool = ["--set", "identity.uid_pool=60990-60990"]
+    pool = ["--set", "identity.uid_pool=59990-59990"]
     holder = subprocess.Popen([*CLI, "run", *pool, "--", "/bin/sleep", "2"],
                               stdin=subprocess.DEVNULL)
     try:
@@ -173,7 +175,7 @@ def test_uid_pool_exhausted_is_a_temporary_failure():
     finally:
         holder.wait()
     assert second.returncode == 75
-    assert b"uid pool 60990-60990: all 1 uids are in use" in second.stderr
+    assert b"uid pool 59990-59990: all 1 uids are in use" in second.stderr
 
 
 def test_cli_usage_errors_never_bounce():
@@ -217,9 +219,13 @@ def test_cli_terminated_by_a_signal_exits_temporary_and_kills_the_agent(tmp_path
 def test_uid_left_dirty_is_swept_before_reuse():
     """A supervisor that died mid-run leaves its uid's lease marked; the next lease kills every
     process of that uid (as that uid) before the uid is used again."""
-    uid = 60995
+    uid = 59995  # outside the default pool, so no concurrent run can lease it
     straggler = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}",
                                   "--clear-groups", "/bin/sleep", "60"])
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{straggler.pid}/comm").read_text() != "sleep\n":  # ids switched
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     os.makedirs("/run/compartment/uids", exist_ok=True)
     with open(f"/run/compartment/uids/{uid}", "wb") as lease:
         lease.write(b"x")  # what a crashed supervisor leaves behind
@@ -232,3 +238,24 @@ def test_uid_left_dirty_is_swept_before_reuse():
             straggler.kill()
             straggler.wait()
     assert Path(f"/run/compartment/uids/{uid}").read_bytes() == b""  # released clean
+
+
+def test_script_interpreter_must_be_inside(tmp_path):
+    script = tmp_path / "agent.pl"
+    script.write_text("#!/usr/bin/perl\nprint 1;\n")
+    script.chmod(0o755)
+    ran = run_agent([str(script)], "strict")
+    assert ran.result.outcome is Outcome.CONFIG_ERROR
+    assert "its #! interpreter /usr/bin/perl is not inside the compartment" in ran.result.reason
+    script.write_text("#!/nonexistent/perl\n")
+    assert "'/nonexistent/perl' does not exist" in run_agent([str(script)]).result.reason
+
+
+def test_full_read_of_dev_null_counts_as_read(tmp_path):
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 65534, 65534)
+    policy = Policy.load("deliver", {"filesystem.writable": str(maildir)})
+    with open(os.devnull, "rb") as empty, open(os.devnull, "wb") as sink:
+        result = run(["/bin/true"], policy, stdin=empty, stdout=sink, stderr=sink)
+    assert result.outcome is Outcome.OK  # no retry, so no second delivery

@@ -30,6 +30,7 @@ on the status socket and exits 127.  Nothing here returns into the supervisor's 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ class Plan:
     """Everything the child needs, computed by the supervisor before clone."""
 
     unprivileged: bool
+    hostname: str
     uid: int
     gid: int
     filesystem: filesystem.Plan
@@ -73,7 +75,7 @@ class Plan:
 
 def enter(plan: Plan, status: socket.socket) -> None:
     """Child, just cloned into new namespaces, privileged there; returns only by raising."""
-    namespaces.enter(plan.unprivileged, plan.uid, plan.gid)
+    namespaces.enter(plan.unprivileged, plan.uid, plan.gid, plan.hostname)
     filesystem.enter(plan.filesystem)
     agent = syscalls.clone(0)
     if agent:
@@ -90,7 +92,10 @@ def enter(plan: Plan, status: socket.socket) -> None:
     try:
         os.execve(plan.program, list(plan.argv), plan.env)
     except OSError as err:
-        raise fail("exec", "execve", err, plan.program) from None
+        # ENOENT for a program that is there: its loader (or a script's interpreter) is not.
+        hint = " (is it dynamically linked, its loader not in this root?)" \
+            if err.errno == errno.ENOENT else ""
+        raise fail("exec", "execve", err, plan.program + hint) from None
 
 
 def run_child(plan: Plan, status: socket.socket) -> None:

@@ -50,6 +50,10 @@ class Plan:
     tmp_bytes: int
     proc: bool
 
+    def shows(self, path: str) -> bool:
+        """Will `path` be reachable inside the new root?"""
+        return any(_covers(entry, path) for entry in self.entries)
+
 
 def plan(policy: Filesystem, program: str | None) -> Plan:
     """Parent side: the list of what the new root holds, checked against this machine.  The

@@ -36,6 +36,14 @@ def run(agent: int, status: socket.socket) -> None:
     os.closerange(keep + 1, 1 << 20)
     syscalls.capset_empty()
     prctl.set_no_new_privs(1)
+    # Not dumpable: in a user namespace the agent has our uid, and /proc/1/mem, environ and
+    # ptrace would otherwise let it read or write this copy of the supervisor's memory.
+    prctl.set_dumpable(0)
+    # Default dispositions (the supervisor's Python handlers are inherited): the kernel then
+    # drops every signal sent to a namespace's pid 1 from inside it, so the agent cannot kill
+    # its init and make its own end look like the runner's failure.
+    for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+        signal.signal(signum, signal.SIG_DFL)
     prctl.set_pdeathsig(signal.SIGKILL)  # the supervisor gone: the whole namespace goes
     while True:
         pid, wait_status = os.waitpid(-1, 0)

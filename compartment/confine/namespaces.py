@@ -21,16 +21,17 @@ def clone_flags(unprivileged: bool) -> int:
     return flags | syscalls.CLONE_NEWUSER if unprivileged else flags
 
 
-def enter(unprivileged: bool, uid: int, gid: int) -> None:
+def enter(unprivileged: bool, uid: int, gid: int, hostname: str) -> None:
     if unprivileged:
         # One line each, our own ids: the only mapping an unprivileged process may write, and
         # gid_map needs setgroups denied first (user_namespaces(7)).
         _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
         _write("/proc/self/setgroups", "deny\n")
         _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
-    # The host's name is none of the agent's business; the new UTS namespace gets its own.
+    # The host's name is none of the agent's business; each compartment gets a name of its
+    # own, unique, because Maildir delivery names files time.pid.host and every agent's pid is 2.
     try:
-        syscalls.sethostname("compartment")
+        syscalls.sethostname(hostname)
     except OSError as err:
         raise fail(STEP, "sethostname", err) from None
 

@@ -4,7 +4,7 @@ and do, as one JSON object on stdout.  The tests decide; the probe only observes
     probe.py facts                 ids, capabilities, rlimits, no_new_privs, session, fds, env
     probe.py read PATH             try to read a file
     probe.py write PATH            try to create and write a file
-    probe.py shmget KEY            look for a System V shared memory segment
+    probe.py shmstat ID            look for a System V shared memory segment by id
     probe.py syscall NAME          make one forbidden call (socket, ptrace, unshare, mount...)
 """
 
@@ -70,17 +70,23 @@ def attempt(function):
         return {"ok": False, "errno": err.errno}
 
 
+def read(path):
+    with open(path) as file:
+        return file.read(64)
+
+
 def write(path):
     with open(path, "w") as file:
         file.write("escaped\n")
     return path
 
 
-def shmget(key):
-    result = libc.shmget(ctypes.c_int(key), 0, 0)
-    if result < 0:
-        raise OSError(ctypes.get_errno(), "shmget")
-    return result
+def shmstat(segment):
+    """shmctl(IPC_STAT) on a segment id: it names a segment only in its own IPC namespace."""
+    buffer = ctypes.create_string_buffer(256)
+    if libc.shmctl(segment, 2, buffer) < 0:
+        raise OSError(ctypes.get_errno(), "shmctl")
+    return segment
 
 
 SYSCALLS = {
@@ -99,11 +105,11 @@ def main():
     if what == "facts":
         result = facts()
     elif what == "read":
-        result = attempt(lambda: open(sys.argv[2]).read(64))
+        result = attempt(lambda: read(sys.argv[2]))
     elif what == "write":
         result = attempt(lambda: write(sys.argv[2]))
-    elif what == "shmget":
-        result = attempt(lambda: shmget(int(sys.argv[2])))
+    elif what == "shmstat":
+        result = attempt(lambda: shmstat(int(sys.argv[2])))
     elif what == "syscall":
         result = attempt(SYSCALLS[sys.argv[2]])
     else:
