@@ -155,10 +155,7 @@ def _usage_failure(args_list: Sequence[str], message: str) -> int:
 
 
 def _wants_qmail(args_list: Sequence[str]) -> bool:
-    for i, arg in enumerate(args_list):
-        if arg == "--":
-            break
-        if arg == "--exit-codes=qmail" or (arg == "--exit-codes" and
-                                           args_list[i + 1:i + 2] == ["qmail"]):
-            return True
-    return False
+    args = list(args_list)
+    head = args[: args.index("--")] if "--" in args else args
+    pairs = zip(head, head[1:], strict=False)
+    return "--exit-codes=qmail" in head or ("--exit-codes", "qmail") in pairs

@@ -30,13 +30,10 @@ class Convention(StrEnum):
 
 
 class ExitStatus(IntEnum):
+    """The statuses the runner itself chooses; an agent's own pass through as numbers."""
     OK = 0
-    QMAIL_OK_STOP = 99
     QMAIL_PERMANENT = 100
     QMAIL_TEMPORARY = 111
-    EX_OSERR = 71
-    EX_CANTCREAT = 73
-    EX_IOERR = 74
     EX_TEMPFAIL = 75
     EX_NOPERM = 77
 

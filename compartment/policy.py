@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from compartment.exits import Convention
-
 
 class PolicyError(Exception):
     """A policy could not be loaded: the message names the source, the key and what was wanted."""
@@ -282,10 +280,6 @@ class Policy:
     message: Message
     filter: Filter
     report: Report
-
-    @property
-    def agent_convention(self) -> Convention:
-        return Convention(self.exit.agent_codes)
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str] = "filter",

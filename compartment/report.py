@@ -32,10 +32,6 @@ class Result:
     bytes_in: int | None      # message bytes consumed; None when stdin is a pipe handed over
     bytes_out: int            # stdout and stderr bytes the agent wrote
 
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0
-
     def to_json(self) -> str:
         record = {"time": round(time.time(), 3), **asdict(self)}
         record["outcome"] = str(self.outcome)

@@ -14,7 +14,6 @@ whole compartment is killed through the pidfd.
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import math
@@ -118,17 +117,13 @@ class Watch:
         return False
 
     def _on_status(self) -> bool:
-        data, ancillary, _, _ = self.status.recvmsg(
-            RECORD.size + 1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i", payload[: len(payload) - len(payload) % 4])
-                for fd in fds[1:]:
-                    os.close(fd)  # only one descriptor is ever sent
-                if data == LISTENER_RECORD and fds and self.listener < 0:
-                    self.listener = fds[0]
-                elif fds:
-                    os.close(fds[0])
+        data, fds, _, _ = socket.recv_fds(self.status, RECORD.size + 1, 1,
+                                          socket.MSG_CMSG_CLOEXEC)
+        for fd in fds:
+            if data == LISTENER_RECORD and self.listener < 0:
+                self.listener = fd
+            else:
+                os.close(fd)  # only the listener is ever sent, and only once
         if len(data) == RECORD.size:
             self.setup_error = SetupError.unpack(data)
         elif len(data) == EXIT_RECORD.size and data.startswith(EXIT_TAG):

@@ -7,7 +7,8 @@ must exist; optional /etc files that this machine lacks are left out.
 
 Child side (`enter`), in the new mount namespace, privileged: stop mount propagation, open every
 source first (the staging tmpfs at /tmp would hide sources below /tmp), build the tree on a small
-tmpfs, make it read-only, pivot_root into it and detach the old root.  Every bind is remounted
+tmpfs (small world-readable /etc files copied, not bound), make it read-only, pivot_root into it
+and detach the old root.  Every bind is remounted
 nosuid and nodev; read-only binds keep the flags the kernel locks (noexec, atime) in a user
 namespace, or the remount would fail.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from dataclasses import dataclass
 
 from compartment import syscalls
@@ -36,7 +38,7 @@ class PlanError(Exception):
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # "ro", "rw", "dev" (bind mounts) or "symlink"
+    kind: str  # "ro", "rw", "dev" (bind mounts), "copy" or "symlink"
     target: str
     source: str
     directory: bool = False  # a directory is bound onto a directory, anything else onto a file
@@ -95,6 +97,11 @@ def _describe(entry: Entry) -> Entry:
     if entry.kind == "symlink":
         return entry
     directory = os.path.isdir(entry.source)
+    info = os.stat(entry.source)
+    if entry.target.startswith("/etc/") and stat.S_ISREG(info.st_mode) and info.st_mode & 0o004:
+        # A copy, not a bind: an flock on a shared /etc/passwd would be seen by the host and by
+        # every other compartment.  These files are small; a private copy costs microseconds.
+        return Entry("copy", entry.target, entry.source)
     if entry.kind == "dev":
         return Entry(entry.kind, entry.target, entry.source, directory)
     flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | syscalls.MS_NODEV
@@ -132,9 +139,10 @@ def _covers(entry: Entry, path: str) -> bool:
 def enter(fs: Plan) -> None:
     """Child side: build the root and pivot into it.  Needs CAP_SYS_ADMIN in the mount ns."""
     _mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-    sources = {e.source: _open_path(e.source) for e in fs.entries if e.kind != "symlink"}
+    sources = {e.source: _open_path(e.source, e.kind == "copy") for e in fs.entries
+               if e.kind != "symlink"}
     _mount("tmpfs", STAGE, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
-           "size=1m,nr_inodes=4096,mode=0755")
+           "size=8m,nr_inodes=4096,mode=0755")
     for path in fs.directories:
         _call("mkdir", path, os.mkdir, STAGE + path, 0o755)
         if path == "/tmp" and fs.tmp_bytes:
@@ -144,6 +152,8 @@ def enter(fs: Plan) -> None:
     for entry in fs.entries:
         if entry.kind == "symlink":
             _call("symlink", entry.target, os.symlink, entry.source, STAGE + entry.target)
+        elif entry.kind == "copy":
+            _call("copy", entry.target, _copy, sources[entry.source], STAGE + entry.target)
         else:
             _bind(entry, sources[entry.source])
     if fs.proc:
@@ -166,6 +176,16 @@ def _bind(entry: Entry, source_fd: int) -> None:
         _mount(None, target, None, entry.remount)
 
 
+def _copy(source_fd: int, target: str) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        while os.sendfile(out, source_fd, None, 1 << 20):
+            continue
+    finally:
+        os.close(out)
+        os.close(source_fd)
+
+
 def _pivot() -> None:
     # pivot_root(".", "."): the old root ends up stacked on the new one and is detached at once,
     # so no path to the host's tree remains (pivot_root(2), "new_root and put_old may be the same").
@@ -178,9 +198,9 @@ def _pivot() -> None:
     _call("chdir", "/", os.chdir, "/")
 
 
-def _open_path(path: str) -> int:
+def _open_path(path: str, readable: bool = False) -> int:
     try:
-        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+        return os.open(path, (os.O_RDONLY if readable else os.O_PATH) | os.O_CLOEXEC)
     except OSError as err:
         raise fail(STEP, "open", err, path) from None
 
