@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup venv demo test lint size bench hostile soak clean
+.PHONY: setup venv demo test lint size bench hostile soak mta clean
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 is what pyseccomp loads;
 # gcc/libc6-dev build the static probe agents of the tests.
@@ -34,6 +34,24 @@ lint: setup
 
 size:
 	$(PYTHON) tools/tcb_size.py
+
+# Every hostile agent, one line each, then "N contained, M escaped" (exit 1 if any escaped).
+hostile: setup
+	$(PY) tests/hostile/run_hostile.py
+
+# 5000 deliveries in a row, then 4 concurrent callers: no leaked fds, zombies, mounts, uids.
+soak: setup
+	$(PY) tests/hostile/hostile_soak.py --deliveries 5000 --callers 4
+
+# Only the tests that install and drive a real MTA (Postfix, Exim, OpenSMTPD).
+mta: setup
+	$(PY) -m pytest -q -m mta tests/integration
+
+# Speed and memory targets as ratios against baselines measured in the same run.
+bench: setup
+	@command -v bwrap >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,126 @@
+/* Resource agents: each exhausts one resource and then behaves as a careless program would. */
+#include "agent.h"
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+static void sleep_forever(void) {
+    for (;;) pause();
+}
+
+/* Touch memory until the kernel refuses, then use the failed result like careless C does. */
+static int memory_bomb(void) {
+    size_t total = 0;
+    for (;;) {
+        char *chunk = mmap(NULL, 16 << 20, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (chunk == MAP_FAILED) break;
+        memset(chunk, 1, 16 << 20);
+        total += 16 << 20;
+        if (total > ((size_t)64 << 30)) break;   /* bounded even with no limit */
+    }
+    printf("touched %zu bytes\n", total);
+    *(volatile char *)0 = 0;
+    return EX_TEMPFAIL;
+}
+
+#pragma GCC diagnostic ignored "-Winfinite-recursion"
+static int recurse(int depth) {
+    volatile char frame[4096];
+    frame[0] = (char)depth;
+    return recurse(depth + 1) + frame[0];
+}
+
+static int fill(const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return refused(path);
+    static char block[1 << 20];
+    memset(block, 'x', sizeof block);
+    long long total = 0;
+    for (int i = 0; i < 100000; i++) {   /* 100 GB at most */
+        ssize_t n = write(fd, block, sizeof block);
+        if (n <= 0) break;
+        total += n;
+    }
+    printf("wrote %lld bytes to %s: %s\n", total, path, strerror(errno));
+    return EX_TEMPFAIL;
+}
+
+static int sparse(const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return refused(path);
+    if (ftruncate(fd, 1LL << 40) != 0 && pwrite(fd, "x", 1, 1LL << 40) != 1)
+        return refused("1 TiB sparse file");
+    printf("made a 1 TiB file\n");
+    return EX_TEMPFAIL;
+}
+
+/* Memory that RLIMIT_AS does not see: pages written into memfds are never mapped.  Each
+ * memfd stays under limits.file_bytes (per_file_mb), so only the total is hostile. */
+static int memfd_bomb(long cap_mb, long per_file_mb) {
+    static char block[1 << 20];
+    memset(block, 'm', sizeof block);
+    long total = 0;
+    for (int files = 0; files < 200 && total < cap_mb; files++) {
+        int fd = (int)syscall(SYS_memfd_create, "hostile", 0);
+        if (fd < 0) break;
+        for (long here = 0; here < per_file_mb && total < cap_mb; here++, total++)
+            if (write(fd, block, sizeof block) != (ssize_t)sizeof block) break;
+    }
+    printf("memfd held %ld MiB\n", total);
+    sleep_forever();
+    return EX_TEMPFAIL;
+}
+
+/* Many files, each under limits.file_bytes: nothing but the disk bounds the total. */
+static int fill_many(const char *dir, long cap_mb, long per_file_mb) {
+    static char block[1 << 20];
+    memset(block, 'f', sizeof block);
+    long total = 0;
+    for (int i = 0; total < cap_mb; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/fill-%d", dir, i);
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0) break;
+        long before = total;
+        for (long here = 0; here < per_file_mb && total < cap_mb; here++, total++)
+            if (write(fd, block, sizeof block) != (ssize_t)sizeof block) break;
+        close(fd);
+        if (total == before) break;
+    }
+    printf("wrote %ld MiB in files\n", total);
+    return EX_TEMPFAIL;
+}
+
+static int descriptors(void) {
+    int count = 0;
+    while (count < 1 << 20 && dup(0) >= 0) count++;
+    printf("FDS %d more descriptors: %s\n", count, strerror(errno));
+    return EX_TEMPFAIL;
+}
+
+static int flood(int fd) {
+    static char block[65536];
+    memset(block, 'A', sizeof block);
+    for (long i = 0; i < 1L << 20; i++)   /* 64 GiB at most */
+        if (write(fd, block, sizeof block) < 0) break;
+    return EX_TEMPFAIL;
+}
+
+int main(int argc, char **argv) {
+    setup(argc, argv);
+    const char *mode = case_arg(0);
+    if (!strcmp(mode, "memory")) return memory_bomb();
+    if (!strcmp(mode, "stack")) return recurse(0);
+    if (!strcmp(mode, "spin")) for (volatile long i = 0;; i++) {}
+    if (!strcmp(mode, "sleep")) sleep_forever();
+    if (!strcmp(mode, "fill")) return fill(case_arg(1));
+    if (!strcmp(mode, "sparse")) return sparse(case_arg(1));
+    if (!strcmp(mode, "fds")) return descriptors();
+    if (!strcmp(mode, "memfd")) return memfd_bomb(atol(case_arg(1)), atol(case_arg(2)));
+    if (!strcmp(mode, "fill-many"))
+        return fill_many(case_arg(1), atol(case_arg(2)), atol(case_arg(3)));
+    if (!strcmp(mode, "stdout")) return flood(1);
+    if (!strcmp(mode, "stderr")) return flood(2);
+    fprintf(stderr, "resources: unknown mode %s\n", mode);
+    return 64;
+}
