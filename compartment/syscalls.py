@@ -17,9 +17,9 @@ _MACHINE = platform.machine()
 # Syscall numbers the standard library does not wrap in Python 3.11.
 _NUMBERS: dict[str, dict[str, int]] = {
     "x86_64": {"clone": 56, "pivot_root": 155, "seccomp": 317, "close_range": 436,
-               "pidfd_send_signal": 424},
+               "pidfd_send_signal": 424, "rt_sigaction": 13},
     "aarch64": {"clone": 220, "pivot_root": 41, "seccomp": 277, "close_range": 436,
-                "pidfd_send_signal": 424},
+                "pidfd_send_signal": 424, "rt_sigaction": 134},
 }
 if _MACHINE not in _NUMBERS:
     raise ImportError(f"compartment supports x86_64 and aarch64, not {_MACHINE}")
@@ -115,6 +115,15 @@ def pidfd_send_signal(pidfd: int, signum: int) -> None:
     _check(_syscall(ctypes.c_long(NR["pidfd_send_signal"]), ctypes.c_int(pidfd),
                     ctypes.c_int(signum), None, ctypes.c_uint(0)), "pidfd_send_signal",
            str(signum))
+
+
+def default_signal(signum: int) -> None:
+    """SIG_DFL for any signal, the C library's own (32, 33) included, which Python's signal
+    module and glibc's signal() refuse to touch.  An all-zero kernel sigaction is SIG_DFL
+    with no flags and an empty mask on every architecture."""
+    action = ctypes.create_string_buffer(64)
+    _check(_syscall(ctypes.c_long(NR["rt_sigaction"]), ctypes.c_int(signum), action, None,
+                    ctypes.c_size_t(8)), "rt_sigaction", str(signum))
 
 
 class SockFprog(ctypes.Structure):

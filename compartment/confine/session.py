@@ -14,6 +14,7 @@ import signal
 
 import prctl
 
+from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "session"
@@ -23,10 +24,13 @@ def enter() -> None:
     try:
         os.setsid()
         # The signal module knows every disposition: it read them all at start-up and made
-        # every change since, so only those not at SIG_DFL need a call.
+        # every change since, so only those not at SIG_DFL need a call.  It does not know the
+        # C library's own two (32 and 33), which a caller may still have left ignored.
         for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
             if signal.getsignal(signum) is not signal.SIG_DFL:
                 signal.signal(signum, signal.SIG_DFL)
+        for signum in set(range(1, signal.SIGRTMIN)) - signal.valid_signals():
+            syscalls.default_signal(signum)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl.set_pdeathsig(signal.SIGKILL)
     except (OSError, ValueError) as err:
