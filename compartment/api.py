@@ -16,7 +16,7 @@ import stat
 import termios
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO  # noqa: TC003 - Stream is a runtime alias
 
 from compartment import message
 from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate

@@ -140,8 +140,10 @@ def _check(args: argparse.Namespace) -> int:
 def _policies() -> int:
     from compartment.policy import shipped
 
-    for name, description in shipped().items():
-        print(f"{name:10} {description}")
+    policies = shipped()
+    width = max(map(len, policies), default=0)
+    for name, description in policies.items():
+        print(f"{name:{width}}  {description}")
     return 0
 
 

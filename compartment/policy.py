@@ -10,13 +10,18 @@ docs/policy.md is the reference an administrator reads.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from compartment import policies
+
+# The shipped policies: package data of compartment.policies, wherever it was installed (an
+# editable install maps it to the checkout's policies/).
+_SHIPPED = policies.__path__[0]
 
 
 class PolicyError(Exception):
@@ -310,11 +315,10 @@ class Policy:
 def shipped() -> dict[str, str]:
     """Name → description of each policy installed with the package."""
     found = {}
-    for entry in sorted(importlib.resources.files("compartment.policies").iterdir(),
-                        key=lambda e: e.name):
-        if entry.name.endswith(".toml"):
-            document = tomllib.loads(entry.read_text())
-            found[entry.name[:-5]] = str(document.get("description", ""))
+    for name in sorted(os.listdir(_SHIPPED)):
+        if name.endswith(".toml"):
+            with open(os.path.join(_SHIPPED, name), "rb") as file:
+                found[name[:-5]] = str(tomllib.load(file).get("description", ""))
     return found
 
 
@@ -328,11 +332,13 @@ def _read(name_or_path: str) -> tuple[str, str, str]:
             raise PolicyError(f"{name_or_path}: cannot read policy: {err}") from None
     if not _NAME_RE.fullmatch(name_or_path) or name_or_path.startswith("@"):
         raise PolicyError(f"{name_or_path!r}: not a policy name or a path")
-    entry = importlib.resources.files("compartment.policies").joinpath(f"{name_or_path}.toml")
-    if not entry.is_file():
+    entry = os.path.join(_SHIPPED, f"{name_or_path}.toml")
+    try:
+        with open(entry, encoding="utf-8") as file:
+            return name_or_path, f"policy {name_or_path} ({entry})", file.read()
+    except FileNotFoundError:
         raise PolicyError(f"no shipped policy named {name_or_path!r} (shipped: "
-                          f"{', '.join(shipped())}); give a path to use your own file")
-    return name_or_path, f"policy {name_or_path} ({entry})", entry.read_text(encoding="utf-8")
+                          f"{', '.join(shipped())}); give a path to use your own file") from None
 
 
 def _pairs(overrides: Mapping[str, str] | Iterable[str]) -> Iterable[tuple[str, str]]:

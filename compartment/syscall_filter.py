@@ -13,16 +13,17 @@ reach the table: the architecture check kills the process outright.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import platform
-import tempfile
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from compartment import syscalls
 from compartment.policy import Network, Seccomp
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Named groups, in the manner of systemd's @mount, @module… Members missing on this
 # architecture are skipped.
@@ -103,11 +104,12 @@ def expand(names: tuple[str, ...]) -> list[str]:
 def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
     """Supervisor side: the cached program for this policy, compiled on a miss.  A long-lived
     caller keeps it in memory too: the policy sections are frozen, so equal means same."""
-    # The key covers this file too: a change to the rules below must not reuse an old program.
-    with open(__file__, "rb") as rules:
-        key = hashlib.sha256(rules.read() + json.dumps(
-            [platform.machine(), spec.default, spec.allow, spec.deny,
-             network.unix_sockets]).encode()).hexdigest()
+    # The key covers this file too (its size and time): changed rules never reuse an old
+    # program.  The file name is a checksum of the key; the key itself is stored in the file
+    # and compared, so two keys that share a checksum can never share a program.
+    rules = os.stat(__file__)
+    key = json.dumps([os.uname().machine, rules.st_size, rules.st_mtime_ns, spec.default,
+                      spec.allow, spec.deny, network.unix_sockets])
     cache = _cache_dir()
     cached = _read_cache(cache, key) if cache else None
     if cached:
@@ -119,6 +121,8 @@ def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
 
 
 def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
+    import tempfile
+
     import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
 
     notify = pyseccomp.NOTIFY
@@ -216,9 +220,13 @@ def _cache_dir() -> str | None:
     return path
 
 
+def _cache_file(cache: str, key: str) -> str:
+    return os.path.join(cache, f"{zlib.crc32(key.encode()):08x}.json")
+
+
 def _read_cache(cache: str, key: str) -> CompiledFilter | None:
     try:
-        fd = os.open(os.path.join(cache, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(_cache_file(cache, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as file:
@@ -227,6 +235,8 @@ def _read_cache(cache: str, key: str) -> CompiledFilter | None:
             return None
         try:
             data = json.loads(file.read())
+            if data["key"] != key:
+                return None
             return CompiledFilter(bytes.fromhex(data["bpf"]),
                                   {int(k): v for k, v in data["names"].items()})
         except (ValueError, KeyError, TypeError):
@@ -234,11 +244,13 @@ def _read_cache(cache: str, key: str) -> CompiledFilter | None:
 
 
 def _write_cache(cache: str, key: str, compiled: CompiledFilter) -> None:
-    text = json.dumps({"bpf": compiled.bpf.hex(), "names": compiled.names})
+    import tempfile  # only on a miss
+
+    text = json.dumps({"key": key, "bpf": compiled.bpf.hex(), "names": compiled.names})
     try:
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
         with os.fdopen(fd, "w") as file:
             file.write(text)
-        os.rename(tmp, os.path.join(cache, key))
+        os.rename(tmp, _cache_file(cache, key))
     except OSError:
         return  # the cache is an optimisation; the compiled filter is used either way

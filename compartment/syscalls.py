@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 
 # Syscall numbers the standard library does not wrap in Python 3.11.
 _NUMBERS: dict[str, dict[str, int]] = {
