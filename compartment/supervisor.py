@@ -63,7 +63,7 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         if lease:
             lease.release()
         raise ConfigError(str(err)) from None
-    plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}",
+    plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
                 uid=uid, gid=gid, filesystem=fs,
                 last_cap=syscalls.cap_last_cap(), rlimits=rlimits.plan(policy.limits),
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),

@@ -29,7 +29,8 @@ def enter(unprivileged: bool, uid: int, gid: int, hostname: str) -> None:
         _write("/proc/self/setgroups", "deny\n")
         _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     # The host's name is none of the agent's business; each compartment gets a name of its
-    # own, unique, because Maildir delivery names files time.pid.host and every agent's pid is 2.
+    # own, unique, because Maildir delivery names files time.pid.host and every agent's pid is 2,
+    # and dotted (.invalid, RFC 2606), because programs resolve an undotted name through DNS.
     try:
         syscalls.sethostname(hostname)
     except OSError as err:
