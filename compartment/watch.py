@@ -59,6 +59,7 @@ class Watch:
         self.rusage: resource.struct_rusage | None = None
         self.caller_error = ""
         self._splice = True
+        self._spilled = False  # merged output grew past diagnostics: now passed on as data
 
     def agent_ends(self) -> list[tuple[int, int]]:
         err = self.out_w if self.merged else self.err_w
@@ -167,18 +168,36 @@ class Watch:
                     raise
                 self._splice = False
         data = os.read(self.out_r, count)
+        self._write(data)
+        return len(data)
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.caller_out, view):]
-        return len(data)
 
     def _on_diagnostics(self) -> bool:
+        if self._spilled:
+            return self._on_stdout()
         fd = self.out_r if self.merged else self.err_r
         room = self.limits.output_bytes - self.bytes_out
         if room <= 0:
             return self._overflow(fd)
         data = os.read(fd, min(room, 65536))
         self.bytes_out += len(data)
+        if self.merged and len(self.diagnostics) + len(data) >= DIAGNOSTIC_BYTES:
+            # More than diagnostics: the caller gave one file for stdout and stderr (`> out
+            # 2>&1`) and the agent writes real output.  All of it is passed on, none of it
+            # dropped; a reason line of ours then comes last instead of first.
+            try:
+                self._write(bytes(self.diagnostics) + data)
+            except OSError as err:
+                self.caller_error = f"cannot write the agent's output: {err.strerror}"
+                self.kill("caller")
+                return False
+            self.diagnostics.clear()
+            self._spilled = True
+            return True
         self.diagnostics += data[: DIAGNOSTIC_BYTES - len(self.diagnostics)]
         return bool(data)
 

@@ -259,3 +259,16 @@ def test_full_read_of_dev_null_counts_as_read(tmp_path):
     with open(os.devnull, "rb") as empty, open(os.devnull, "wb") as sink:
         result = run(["/bin/true"], policy, stdin=empty, stdout=sink, stderr=sink)
     assert result.outcome is Outcome.OK  # no retry, so no second delivery
+
+
+def test_one_file_for_stdout_and_stderr_keeps_all_output(tmp_path):
+    """`> out 2>&1`: past 4 KiB the agent's output is data, passed on whole, never cut."""
+    message = os.urandom(10240)
+    policy = Policy.load("filter")
+    with open(tmp_path / "out", "w+b") as both, open(tmp_path / "msg", "w+b") as stdin:
+        stdin.write(message)
+        stdin.seek(0)
+        result = run(["/bin/cat"], policy, stdin=stdin, stdout=both, stderr=both)
+        both.seek(0)
+        assert both.read() == message
+    assert result.outcome is Outcome.OK and result.bytes_out == len(message)
