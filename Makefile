@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup venv demo test lint size bench hostile soak mta clean
+.PHONY: setup venv demo test lint size bench bench-quick hostile soak mta clean
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 is what pyseccomp loads;
 # gcc/libc6-dev build the static probe agents of the tests.
@@ -52,6 +52,9 @@ bench: setup
 	@command -v bwrap >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
 	$(PY) bench/bench.py
+
+bench-quick: setup
+	$(PY) bench/bench.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info
