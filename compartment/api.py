@@ -74,9 +74,7 @@ def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str]
     """A Result for a run whose agent never started (or whose end we could not observe)."""
     return Result(outcome=outcome, exit_status=runner_status(caller, permanent), reason=reason,
                   policy=policy_name, program=argv[0] if argv else "", argv=tuple(argv),
-                  uid=None, agent_status=None, agent_signal=None, denied_syscall=None,
-                  cpu_s=0.0, wall_s=round(time.monotonic() - started, 6), peak_memory_bytes=0,
-                  bytes_in=None, bytes_out=0)
+                  wall_s=round(time.monotonic() - started, 6))
 
 
 def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path: str,
@@ -178,10 +176,7 @@ def _fully_read(fd: int, offset: int | None) -> bool:
         return os.lseek(fd, 0, os.SEEK_CUR) >= os.fstat(fd).st_size
     if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
         return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    events = dict(poller.poll(0)).get(fd, 0)
-    if not events & (select.POLLIN | select.POLLHUP):
+    if not select.select([fd], [], [], 0)[0]:  # readable: data waiting, or the writer gone
         return False  # the writer is still there with more to send
     waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int.from_bytes(waiting, "little") == 0

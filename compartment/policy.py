@@ -11,13 +11,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from compartment import policies
+from compartment.policy_fields import (
+    NAME_RE,
+    Bad,
+    abspath,
+    boolean,
+    choice,
+    count,
+    descriptor,
+    env_map,
+    env_name,
+    etc_name,
+    field,
+    id_range,
+    listing,
+    seconds,
+    size,
+    syscall_name,
+    text,
+    uid_spec,
+)
 
 # The shipped policies: package data of compartment.policies, wherever it was installed (an
 # editable install maps it to the checkout's policies/).
@@ -28,238 +47,123 @@ class PolicyError(Exception):
     """A policy could not be loaded: the message names the source, the key and what was wanted."""
 
 
-Parser = Callable[[Any], Any]
-
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
-_TIME_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
-_NAME_RE = re.compile(r"@?[a-z0-9_-]+")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class _Bad(ValueError):
-    """Raised by a field parser with the expected form; the loader adds source and key."""
-
-
-def _field(parse: Parser, default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not match:
-        raise _Bad('a byte count: an integer or a string like "512M" (K, M, G, T: powers of 1024)')
-    return int(match[1]) * _SIZE_UNITS[match[2].upper()]
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    match = _TIME_RE.fullmatch(value) if isinstance(value, str) else None
-    if not match or float(match[1]) <= 0:
-        raise _Bad('a positive duration: seconds as a number, or a string like "30s", "5m", "1h"')
-    return float(match[1]) * _TIME_UNITS[match[2]]
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31:
-        return value
-    raise _Bad("a whole number from 0 up")
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise _Bad("true or false")
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise _Bad("a string")
-
-
-def _choice(*choices: str) -> Parser:
-    def parse(value: Any) -> str:
-        if value in choices:
-            return value
-        raise _Bad("one of " + ", ".join(f'"{c}"' for c in choices))
-    return parse
-
-
-def _list(item: Parser, what: str) -> Parser:
-    def parse(value: Any) -> tuple[Any, ...]:
-        if isinstance(value, str):  # from --set: "a,b" is a list of two
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise _Bad(f"a list of {what}")
-        return tuple(item(v) for v in value)
-    return parse
-
-
-def _abspath(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        raise _Bad("absolute paths")
-    if ".." in value.split("/"):
-        raise _Bad('absolute paths without ".."')
-    return os.path.normpath(value)
-
-
-def _etc_name(value: Any) -> str:
-    if not isinstance(value, str) or not value or value.startswith("/") or ".." in value:
-        raise _Bad('names under /etc such as "passwd" or "mail/spamassassin"')
-    return value
-
-
-def _syscall_name(value: Any) -> str:
-    if isinstance(value, str) and _NAME_RE.fullmatch(value):
-        return value
-    raise _Bad('syscall names such as "ptrace" or groups such as "@mount"')
-
-
-def _env_name(value: Any) -> str:
-    if isinstance(value, str) and _ENV_RE.fullmatch(value):
-        return value
-    raise _Bad("environment variable names")
-
-
-def _descriptor(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 3 <= value < 1024:
-        return value
-    raise _Bad("descriptor numbers from 3 to 1023 (0, 1 and 2 are always handed over)")
-
-
-def _env_map(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict):
-        raise _Bad('a table of NAME = "value"')
-    for name, text in value.items():
-        if not _ENV_RE.fullmatch(name) or not isinstance(text, str) or "\0" in text:
-            raise _Bad('a table of NAME = "value" (names of letters, digits and _)')
-    return tuple(sorted(value.items()))
-
-
-def _uid_spec(value: Any) -> str | int:
-    if value in ("pool", "owner"):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 0xFFFFFFFF:
-        return value
-    raise _Bad('"pool", "owner" or a numeric id other than 0')
-
-
-def _id_range(value: Any) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)-(\d+)", value) if isinstance(value, str) else None
-    if not match or not 0 < int(match[1]) <= int(match[2]) < 0xFFFFFFFF:
-        raise _Bad('a range of non-zero ids like "60000-60999"')
-    return int(match[1]), int(match[2])
-
-
 @dataclass(frozen=True)
 class Filesystem:
-    root: str = _field(_choice("system", "empty"), "system",
-                       '"system": read-only /usr, /bin, /lib*, /sbin and the listed /etc files; '
-                       '"empty": nothing but what is listed below (static programs)')
-    etc: tuple[str, ...] = _field(_list(_etc_name, "names under /etc"),
-                                  ("ld.so.cache", "passwd", "group", "nsswitch.conf", "localtime"),
-                                  "files or directories under /etc shown read-only")
-    readable: tuple[str, ...] = _field(_list(_abspath, "absolute paths"), (),
-                                       "other paths shown read-only at the same place")
-    writable: tuple[str, ...] = _field(_list(_abspath, "absolute paths"), (),
-                                       "directories shown read-write at the same place")
-    tmp_bytes: int = _field(_size, 16 << 20, "bytes of the private tmpfs at /tmp; 0: no /tmp")
-    proc: bool = _field(_bool, False, "mount a /proc that shows only the compartment")
-    devices: tuple[str, ...] = _field(_list(_choice("null", "zero", "urandom", "random", "full"),
-                                            "device names"), ("null", "zero", "urandom"),
-                                      "devices under /dev")
+    root: str = field(
+        choice("system", "empty"), "system",
+        '"system": read-only /usr, /bin, /lib*, /sbin and the listed /etc files; '
+        '"empty": nothing but what is listed below (static programs)')
+    etc: tuple[str, ...] = field(
+        listing(etc_name, "names under /etc"),
+        ("ld.so.cache", "passwd", "group", "nsswitch.conf", "localtime"),
+        "files or directories under /etc shown read-only")
+    readable: tuple[str, ...] = field(
+        listing(abspath, "absolute paths"), (), "other paths shown read-only at the same place")
+    writable: tuple[str, ...] = field(
+        listing(abspath, "absolute paths"), (), "directories shown read-write at the same place")
+    tmp_bytes: int = field(size, 16 << 20, "bytes of the private tmpfs at /tmp; 0: no /tmp")
+    proc: bool = field(boolean, False, "mount a /proc that shows only the compartment")
+    devices: tuple[str, ...] = field(
+        listing(choice("null", "zero", "urandom", "random", "full"), "device names"),
+        ("null", "zero", "urandom"), "devices under /dev")
 
 
 @dataclass(frozen=True)
 class Identity:
-    uid: str | int = _field(_uid_spec, "pool",
-                            'as root: "pool" (a fresh uid from uid_pool per compartment), '
-                            '"owner" (the owner of the first writable directory) or a number')
-    gid: str | int = _field(_uid_spec, "pool",
-                            'as root: follows uid for "pool" and "owner", or a number')
-    uid_pool: tuple[int, int] = _field(_id_range, (60000, 60999),
-                                       "uids leased one per live compartment (and gid = uid)")
+    uid: str | int = field(
+        uid_spec, "pool", 'as root: "pool" (a fresh uid from uid_pool per compartment), '
+        '"owner" (the owner of the first writable directory) or a number')
+    gid: str | int = field(
+        uid_spec, "pool", 'as root: follows uid for "pool" and "owner", or a number')
+    uid_pool: tuple[int, int] = field(
+        id_range, (60000, 60999), "uids leased one per live compartment (and gid = uid)")
 
 
 @dataclass(frozen=True)
 class Limits:
-    wall_timeout_s: float = _field(_seconds, 300.0,
-                                   "seconds of wall-clock time before the compartment is killed")
-    cpu_seconds: int = _field(_count, 60, "CPU seconds (RLIMIT_CPU)")
-    memory_bytes: int = _field(_size, 1 << 30, "address space in bytes (RLIMIT_AS)")
-    file_bytes: int = _field(_size, 64 << 20, "largest file the agent may write (RLIMIT_FSIZE)")
-    open_files: int = _field(_count, 64, "descriptors (RLIMIT_NOFILE)")
-    processes: int = _field(_count, 64, "processes and threads of the compartment (RLIMIT_NPROC)")
-    output_bytes: int = _field(_size, 64 << 20, "bytes the agent may write to stdout and stderr")
+    wall_timeout_s: float = field(
+        seconds, 300.0, "seconds of wall-clock time before the compartment is killed")
+    cpu_seconds: int = field(count, 60, "CPU seconds (RLIMIT_CPU)")
+    memory_bytes: int = field(size, 1 << 30, "address space in bytes (RLIMIT_AS)")
+    file_bytes: int = field(size, 64 << 20, "largest file the agent may write (RLIMIT_FSIZE)")
+    open_files: int = field(count, 64, "descriptors (RLIMIT_NOFILE)")
+    processes: int = field(
+        count, 64, "processes and threads of the compartment (RLIMIT_NPROC)")
+    output_bytes: int = field(
+        size, 64 << 20, "bytes the agent may write to stdout and stderr")
 
 
 @dataclass(frozen=True)
 class Network:
-    unix_sockets: bool = _field(_bool, True, "AF_UNIX sockets allowed; every other family is "
-                                              "always a violation, and the network is empty")
+    unix_sockets: bool = field(
+        boolean, True, "AF_UNIX sockets allowed; every other family is always a violation, and "
+        "the network is empty")
 
 
 @dataclass(frozen=True)
 class Seccomp:
-    default: str = _field(_choice("allow", "kill"), "allow",
-                          'action for syscalls not named: "allow", or "kill" (allow-list mode)')
-    allow: tuple[str, ...] = _field(_list(_syscall_name, "syscall names or @groups"), (),
-                                    'syscalls allowed when default = "kill"')
-    deny: tuple[str, ...] = _field(_list(_syscall_name, "syscall names or @groups"), (),
-                                   "syscalls that kill the agent, on top of the built-in baseline")
+    default: str = field(
+        choice("allow", "kill"), "allow",
+        'action for syscalls not named: "allow", or "kill" (allow-list mode)')
+    allow: tuple[str, ...] = field(
+        listing(syscall_name, "syscall names or @groups"), (),
+        'syscalls allowed when default = "kill"')
+    deny: tuple[str, ...] = field(
+        listing(syscall_name, "syscall names or @groups"), (),
+        "syscalls that kill the agent, on top of the built-in baseline")
 
 
 @dataclass(frozen=True)
 class Environment:
-    set: tuple[tuple[str, str], ...] = _field(
-        _env_map, (("HOME", "/tmp"), ("LANG", "C.UTF-8"), ("PATH", "/usr/bin:/bin"),
-                   ("TMPDIR", "/tmp")), "variables the agent gets with fixed values")
-    pass_: tuple[str, ...] = _field(_list(_env_name, "variable names"), (),
-                                    "variables copied from the caller's environment when set")
+    set: tuple[tuple[str, str], ...] = field(
+        env_map, (("HOME", "/tmp"), ("LANG", "C.UTF-8"), ("PATH", "/usr/bin:/bin"),
+                  ("TMPDIR", "/tmp")), "variables the agent gets with fixed values")
+    pass_: tuple[str, ...] = field(
+        listing(env_name, "variable names"), (),
+        "variables copied from the caller's environment when set")
 
 
 @dataclass(frozen=True)
 class Descriptors:
-    pass_: tuple[int, ...] = _field(_list(_descriptor, "descriptor numbers"), (),
-                                    "caller descriptors handed to the agent at the same number")
+    pass_: tuple[int, ...] = field(
+        listing(descriptor, "descriptor numbers"), (),
+        "caller descriptors handed to the agent at the same number")
 
 
 @dataclass(frozen=True)
 class Exit:
-    agent_codes: str = _field(_choice("sysexits", "qmail"), "sysexits",
-                              "the convention the agent's own exit status speaks")
-    violation: str = _field(_choice("temporary", "permanent"), "temporary",
-                            "what a seccomp violation is for the caller")
-    require_full_read: bool = _field(_bool, False,
-                                     "an agent that exits 0 without reading all of stdin fails "
-                                     "temporarily")
+    agent_codes: str = field(
+        choice("sysexits", "qmail"), "sysexits",
+        "the convention the agent's own exit status speaks")
+    violation: str = field(
+        choice("temporary", "permanent"), "temporary",
+        "what a seccomp violation is for the caller")
+    require_full_read: bool = field(
+        boolean, False, "an agent that exits 0 without reading all of stdin fails temporarily")
 
 
 @dataclass(frozen=True)
 class Message:
-    stdin: str = _field(_choice("direct", "memfd", "file"), "direct",
-                        '"direct": the caller\'s descriptor as it is; "memfd": a sealed '
-                        'read-only copy (seekable); "file": a private temporary copy the agent '
-                        "may edit")
-    max_bytes: int = _field(_size, 1 << 30, "largest message copied for memfd, file or the "
-                                             "filter's spool; larger is a temporary failure")
+    stdin: str = field(
+        choice("direct", "memfd", "file"), "direct",
+        '"direct": the caller\'s descriptor as it is; "memfd": a sealed read-only copy '
+        '(seekable); "file": a private temporary copy the agent may edit')
+    max_bytes: int = field(
+        size, 1 << 30, "largest message copied for memfd, file or the filter's spool; larger "
+        "is a temporary failure")
 
 
 @dataclass(frozen=True)
 class Filter:
-    on_failure: str = _field(_choice("defer", "pass"), "defer",
-                             '`compartment filter` when the agent fails or writes nothing: '
-                             '"defer" (temporary failure) or "pass" the original on unchanged')
+    on_failure: str = field(
+        choice("defer", "pass"), "defer",
+        '`compartment filter` when the agent fails or writes nothing: "defer" (temporary '
+        'failure) or "pass" the original on unchanged')
 
 
 @dataclass(frozen=True)
 class Report:
-    path: str = _field(_text, "", "file to append one JSON line per run to; empty: none")
+    path: str = field(text, "", "file to append one JSON line per run to; empty: none")
 
 
 _SECTIONS: dict[str, type] = {
@@ -305,10 +209,10 @@ class Policy:
                  f"description = {_toml(self.description)}"]
         for section in _SECTIONS:
             lines.append(f"\n[{section}]")
-            for field in dataclasses.fields(getattr(self, section)):
-                value = getattr(getattr(self, section), field.name)
-                lines.append(f"{field.name.rstrip('_')} = {_toml(value, field.name)}"
-                             f"  # {field.metadata['doc']}")
+            for spec in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), spec.name)
+                lines.append(f"{spec.name.rstrip('_')} = {_toml(value, spec.name)}"
+                             f"  # {spec.metadata['doc']}")
         return "\n".join(lines) + "\n"
 
 
@@ -330,7 +234,7 @@ def _read(name_or_path: str) -> tuple[str, str, str]:
                     file.read()
         except (OSError, UnicodeDecodeError) as err:
             raise PolicyError(f"{name_or_path}: cannot read policy: {err}") from None
-    if not _NAME_RE.fullmatch(name_or_path) or name_or_path.startswith("@"):
+    if not NAME_RE.fullmatch(name_or_path) or name_or_path.startswith("@"):
         raise PolicyError(f"{name_or_path!r}: not a policy name or a path")
     entry = os.path.join(_SHIPPED, f"{name_or_path}.toml")
     try:
@@ -402,7 +306,7 @@ def _section(source: str, key: str, cls: type, table: Any) -> Any:
                               f"{', '.join(fields)})")
         try:
             values[fields[name].name] = fields[name].metadata["parse"](value)
-        except _Bad as bad:
+        except Bad as bad:
             raise PolicyError(f"{source}: {key}.{name}: expected {bad}, got {value!r}") from None
     return cls(**values)
 

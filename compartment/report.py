@@ -22,15 +22,15 @@ class Result:
     policy: str
     program: str
     argv: tuple[str, ...]
-    uid: int | None           # the uid the agent ran as (None when it never started)
-    agent_status: int | None  # the agent's own exit status, when it exited by itself
-    agent_signal: int | None  # the signal that killed it
-    denied_syscall: str | None
-    cpu_s: float
     wall_s: float
-    peak_memory_bytes: int    # ru_maxrss of the compartment, including its pre-exec image
-    bytes_in: int | None      # message bytes consumed; None when stdin is a pipe handed over
-    bytes_out: int            # stdout and stderr bytes the agent wrote
+    uid: int | None = None            # the uid the agent ran as (None: it never started)
+    agent_status: int | None = None   # the agent's own exit status, when it exited by itself
+    agent_signal: int | None = None   # the signal that killed it
+    denied_syscall: str | None = None
+    cpu_s: float = 0.0
+    peak_memory_bytes: int = 0  # ru_maxrss of the compartment, including its pre-exec image
+    bytes_in: int | None = None  # message bytes consumed; None: stdin is a pipe handed over
+    bytes_out: int = 0           # stdout and stderr bytes the agent wrote
 
     def to_json(self) -> str:
         record = {"time": round(time.time(), 3), **asdict(self)}

@@ -78,6 +78,11 @@ def _check(result: int, call: str, arg: str = "") -> int:
     return result
 
 
+def _raw(name: str, *args: object, detail: str = "") -> int:
+    """A syscall the C library does not wrap, by number, as an OSError on failure."""
+    return _check(_syscall(ctypes.c_long(NR[name]), *args), name, detail)
+
+
 def clone(flags: int) -> int:
     """fork()-like clone with namespace flags: 0 in the child, the child's pid in the parent.
 
@@ -99,30 +104,26 @@ def umount2(target: str, flags: int) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_syscall(ctypes.c_long(NR["pivot_root"]), new_root.encode(), put_old.encode()),
-           "pivot_root", new_root)
+    _raw("pivot_root", new_root.encode(), put_old.encode(), detail=new_root)
 
 
 def close_range_cloexec(first: int) -> None:
     """Mark every descriptor from `first` up close-on-exec (Linux 5.11)."""
-    _check(_syscall(ctypes.c_long(NR["close_range"]), ctypes.c_uint(first),
-                    ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC)),
-           "close_range", str(first))
+    _raw("close_range", ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF),
+         ctypes.c_uint(CLOSE_RANGE_CLOEXEC), detail=str(first))
 
 
 def pidfd_send_signal(pidfd: int, signum: int) -> None:
-    _check(_syscall(ctypes.c_long(NR["pidfd_send_signal"]), ctypes.c_int(pidfd),
-                    ctypes.c_int(signum), None, ctypes.c_uint(0)), "pidfd_send_signal",
-           str(signum))
+    _raw("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(signum), None,
+         ctypes.c_uint(0), detail=str(signum))
 
 
 def default_signal(signum: int) -> None:
     """SIG_DFL for any signal, the C library's own (32, 33) included, which Python's signal
     module and glibc's signal() refuse to touch.  An all-zero kernel sigaction is SIG_DFL
     with no flags and an empty mask on every architecture."""
-    action = ctypes.create_string_buffer(64)
-    _check(_syscall(ctypes.c_long(NR["rt_sigaction"]), ctypes.c_int(signum), action, None,
-                    ctypes.c_size_t(8)), "rt_sigaction", str(signum))
+    _raw("rt_sigaction", ctypes.c_int(signum), ctypes.create_string_buffer(64), None,
+         ctypes.c_size_t(8), detail=str(signum))
 
 
 class SockFprog(ctypes.Structure):
@@ -140,9 +141,8 @@ class PreparedFilter:
 
     def install(self) -> int:
         """Load the filter into the calling thread; returns the user-notification listener fd."""
-        return _check(_syscall(ctypes.c_long(NR["seccomp"]), SECCOMP_SET_MODE_FILTER,
-                               SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(self._prog)),
-                      "seccomp", "SECCOMP_SET_MODE_FILTER")
+        return _raw("seccomp", SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                    ctypes.byref(self._prog), detail="SECCOMP_SET_MODE_FILTER")
 
 
 def _enc(value: str | None) -> bytes | None:

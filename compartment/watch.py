@@ -14,6 +14,7 @@ whole compartment is killed through the pidfd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import math
@@ -39,13 +40,14 @@ _CHUNK = 1 << 20
 class Watch:
     def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
         self.limits, self.names = limits, names
-        self.caller_out, self.caller_err = fds[1], fds[2]
+        self.caller_out = fds[1]
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
         # agent writes is diagnostics, kept (bounded) so our reason line can come first.
         self.merged = _same_file(fds[1], fds[2])
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
-        self._grow(self.out_w)
+        with contextlib.suppress(OSError):  # over the per-user pipe budget: slower, not wrong
+            fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.pid = self.pidfd = self.listener = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
@@ -223,17 +225,9 @@ class Watch:
                 return
             os.waitpid(self.pid, 0)
 
-    @staticmethod
-    def _grow(fd: int) -> None:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            return  # over the per-user pipe budget: the default size is slower, not wrong
-
 
 def _same_file(a: int, b: int) -> bool:
     try:
-        first, second = os.fstat(a), os.fstat(b)
+        return os.path.samestat(os.fstat(a), os.fstat(b))
     except OSError:
         return False
-    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)

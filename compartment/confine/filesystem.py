@@ -113,21 +113,14 @@ def _describe(entry: Entry) -> Entry:
 
 
 def _directories(entries: list[Entry], policy: Filesystem) -> tuple[str, ...]:
-    wanted = ["/tmp"] if policy.tmp_bytes else []
-    for entry in entries:
-        wanted.append(os.path.dirname(entry.target))
-        if entry.directory:
-            wanted.append(entry.target)
-    if policy.proc:
-        wanted.append("/proc")
-    ordered: list[str] = []
-    for path in wanted:
-        parts = path.strip("/").split("/")
-        for depth in range(1, len(parts) + 1):
-            prefix = "/" + "/".join(parts[:depth])
-            if prefix != "/" and prefix not in ordered:
-                ordered.append(prefix)
-    return tuple(ordered)
+    """Every directory the new root needs, shallowest first, so parents precede children
+    (and /tmp, mounted as it is made, precedes whatever is shown below it)."""
+    wanted = {os.path.dirname(e.target) for e in entries} | \
+        {e.target for e in entries if e.directory} | \
+        ({"/tmp"} if policy.tmp_bytes else set()) | ({"/proc"} if policy.proc else set())
+    every = {path[:end] for path in wanted for end in range(len(path) + 1)
+             if end == len(path) or path[end] == "/"} - {"", "/"}
+    return tuple(sorted(every, key=lambda path: (path.count("/"), path)))
 
 
 def _covers(entry: Entry, path: str) -> bool:
