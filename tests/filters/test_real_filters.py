@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 DKIMVERIFY_KEYFILE = str(REPO / "examples" / "agents" / "dkimverify-keyfile.py")
 PROFILES = ["spamassassin", "formail", "reformail", "ripmime", "altermime", "mdeliver",
             "dkimverify", "clamscan"]
-SPAMASSASSIN = ["/usr/bin/spamassassin", "-L", "--cf=report_safe 0"]  # the profile's command
+SPAMASSASSIN = ["/usr/bin/spamassassin", "-L", "--cf=report_safe 0",  # the profile's command
+                "--cf=report_hostname mail.example.org"]
 CLAMSCAN = ["/usr/bin/clamscan", "--no-summary"]
 EX_TEMPFAIL, QMAIL_SOFT = 75, 111
 
