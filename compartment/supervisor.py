@@ -53,19 +53,17 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
     unprivileged = os.geteuid() != 0
-    lease = None
+    last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
     try:
         fs = filesystem.plan(policy.filesystem, program)
         _check_interpreter(program, fs)
-        uid, gid, lease = _identity(policy, unprivileged)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
+        uid, gid, lease = _identity(policy, unprivileged)  # last: nothing below can fail
     except (filesystem.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
-        if lease:
-            lease.release()
         raise ConfigError(str(err)) from None
     plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
                 uid=uid, gid=gid, filesystem=fs,
-                last_cap=syscalls.cap_last_cap(), rlimits=rlimits.plan(policy.limits),
+                last_cap=last_cap, rlimits=rlimit_plan,
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
     return Prepared(plan, compiled, lease, stdin_fd, stdin_offset)
@@ -99,16 +97,18 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
 def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
               env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
     prepared = prepare(argv, policy, fds, env)
-    watch = Watch(policy.limits, fds, prepared.compiled.names)
     try:
-        handed = [(0, fds[0]), *watch.agent_ends(),
-                  *((fd, fd) for fd in policy.descriptors.pass_)]
-        plan = replace(prepared.plan, handed=tuple(handed))
-        pid, status = spawn(plan)
-        watch.start(pid, status)
-        watch.run()
+        watch = Watch(policy.limits, fds, prepared.compiled.names)
+        try:
+            handed = [(0, fds[0]), *watch.agent_ends(),
+                      *((fd, fd) for fd in policy.descriptors.pass_)]
+            pid, status = spawn(replace(prepared.plan, handed=tuple(handed)))
+            watch.start(pid, status)
+            watch.run()
+        finally:
+            watch.close()
     finally:
-        watch.close()
+        # After close(): the init has been reaped, so nothing of the uid is left.
         if prepared.lease:
             prepared.lease.release()
     return watch, prepared
