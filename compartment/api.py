@@ -16,7 +16,7 @@ import stat
 import termios
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO  # noqa: TC003 - Stream is a runtime alias
+from typing import TYPE_CHECKING
 
 from compartment import message
 from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
@@ -25,7 +25,10 @@ from compartment.report import Result, append
 from compartment.supervisor import ConfigError, Prepared, supervise
 from compartment.watch import DIAGNOSTIC_BYTES, Watch
 
-Stream = int | IO[bytes] | IO[str]
+if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's start
+    from typing import IO, TypeAlias
+
+    Stream: TypeAlias = int | IO[bytes] | IO[str]
 _KILLED = {"timeout": Outcome.TIMEOUT, "output-limit": Outcome.OUTPUT_LIMIT,
            "violation": Outcome.VIOLATION, "caller": Outcome.INTERNAL_ERROR}
 UNREAD = "agent exited 0 without reading the whole message"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import socket
 import stat
 from collections.abc import Mapping, Sequence
@@ -131,7 +130,9 @@ def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lea
 
 
 def _resolve(name: str, path: str) -> str:
-    found = name if "/" in name else shutil.which(name, path=path)
+    found = name if "/" in name else next(
+        (os.path.join(d, name) for d in path.split(":")
+         if os.access(os.path.join(d, name), os.X_OK)), None)
     if not found or not os.path.isabs(found):
         raise ConfigError(f"program {name}: not found (give an absolute path, or a name on "
                           f"the policy's PATH {path})")
