@@ -102,13 +102,11 @@ class Watch:
                 self.kill("timeout")
 
     def _poll_ms(self) -> int | None:
-        if self.killed_for is not None or self.rusage is not None:
-            return None
-        return max(0, math.ceil((self.deadline - time.monotonic()) * 1000))
+        remaining_ms = math.ceil((self.deadline - time.monotonic()) * 1000)
+        return None if self.killed_for or self.rusage else max(0, remaining_ms)
 
     def kill(self, why: str) -> None:
-        if self.killed_for is None:
-            self.killed_for = why
+        self.killed_for = self.killed_for or why  # the first reason is the one reported
         try:
             syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
