@@ -73,11 +73,13 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
 
 
 def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str],
-            caller: Convention, started: float, permanent: bool = False) -> Result:
-    """A Result for a run whose agent never started (or whose end we could not observe)."""
-    return Result(outcome=outcome, exit_status=runner_status(caller, permanent), reason=reason,
+            caller: Convention, started: float | None = None) -> Result:
+    """A Result for a run whose agent never started (or whose end we could not observe);
+    wall_s counts from `started` when given."""
+    wall_s = 0.0 if started is None else round(time.monotonic() - started, 6)
+    return Result(outcome=outcome, exit_status=runner_status(caller), reason=reason,
                   policy=policy_name, program=argv[0] if argv else "", argv=tuple(argv),
-                  wall_s=round(time.monotonic() - started, 6))
+                  wall_s=wall_s)
 
 
 def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path: str,

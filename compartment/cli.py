@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from compartment.exits import Convention, Outcome, runner_status
@@ -90,15 +89,13 @@ def _run(args: argparse.Namespace) -> int:
 
     caller = Convention(args.exit_codes)
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    started = time.monotonic()
     if not program:
         return _usage_failure(["--exit-codes", args.exit_codes], f"compartment {args.command}: no "
                               "PROGRAM given (compartment run [OPTIONS] -- PROGRAM [ARG...])")
     try:
         policy = Policy.load(args.policy, args.set)
     except PolicyError as err:
-        result = failure(Outcome.CONFIG_ERROR, f"policy: {err}", args.policy, program, caller,
-                         started)
+        result = failure(Outcome.CONFIG_ERROR, f"policy: {err}", args.policy, program, caller)
         finish(result, 2, b"", args.report or "", caller)
         return result.exit_status
     if args.command == "filter":
@@ -148,12 +145,11 @@ def _policies() -> int:
 
 
 def _usage_failure(args_list: Sequence[str], message: str) -> int:
-    caller = Convention.QMAIL if _wants_qmail(args_list) else Convention.SYSEXITS
-    prefix = "" if caller is Convention.QMAIL else "4.3.5 "
-    print(f"{prefix}{message}", file=sys.stderr)
+    qmail = _wants_qmail(args_list)
+    print(("" if qmail else "4.3.5 ") + message, file=sys.stderr)
     if args_list[:1] in (["check"], ["policies"]):
         return EX_CONFIG
-    return runner_status(caller)
+    return runner_status(Convention.QMAIL if qmail else Convention.SYSEXITS)
 
 
 def _wants_qmail(args_list: Sequence[str]) -> bool:

@@ -70,16 +70,14 @@ def runner_status(convention: Convention, permanent: bool = False) -> int:
 
 
 def classify(code: int, convention: Convention) -> Verdict:
-    """What an agent meant by exiting with `code` in its own convention."""
-    if convention is Convention.QMAIL:
-        if code in (0, 99):
-            return Verdict.SUCCESS
-        return Verdict.PERMANENT if code in _QMAIL_PERMANENT_CODES else Verdict.TEMPORARY
-    if code == 0:
+    """What an agent meant by exiting with `code` in its own convention.  For sysexits, every
+    code outside the five verdicts, those outside sysexits.h included (1, 2, 126, 127…: a crash
+    or a script's generic failure), is not a verdict on the message: it is kept and retried."""
+    qmail = convention is Convention.QMAIL
+    if code in ((0, 99) if qmail else (0,)):
         return Verdict.SUCCESS
-    # Everything else, codes outside sysexits.h included (1, 2, 126, 127…: a crash or a
-    # script's generic failure), is not a verdict on the message: it is kept and retried.
-    return Verdict.PERMANENT if code in _SYSEXITS_PERMANENT_CODES else Verdict.TEMPORARY
+    permanent = _QMAIL_PERMANENT_CODES if qmail else _SYSEXITS_PERMANENT_CODES
+    return Verdict.PERMANENT if code in permanent else Verdict.TEMPORARY
 
 
 def translate(code: int, agent: Convention, caller: Convention) -> int:

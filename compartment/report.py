@@ -41,16 +41,14 @@ class Result:
 def append(path: str, result: Result) -> str | None:
     """Append the run's line to `path`; returns why it could not, or None."""
     line = (result.to_json() + "\n").encode()
+    fd = -1
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    except OSError as err:
-        return f"report {path}: {err.strerror}"
-    try:
         # One write of the whole line: O_APPEND places it atomically, so concurrent
         # compartments sharing one report file do not interleave their lines.
-        written = os.write(fd, line)
-        return None if written == len(line) else f"report {path}: short write"
+        return None if os.write(fd, line) == len(line) else f"report {path}: short write"
     except OSError as err:
         return f"report {path}: {err.strerror}"
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)

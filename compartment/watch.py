@@ -160,9 +160,15 @@ class Watch:
         return moved > 0
 
     def _move(self, count: int) -> int:
-        if self._splice:
+        while self._splice:
             try:
-                return os.splice(self.out_r, self.caller_out, count)
+                # Non-blocking on the pipes: a caller that stops reading must not hold this
+                # loop past the deadline.
+                return os.splice(self.out_r, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:  # the caller's pipe is full: wait, but not past the deadline
+                if not self._writable_before_deadline():
+                    self.kill("timeout")
+                    return 0  # what the agent still writes is not delivered: the run failed
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
                     raise
@@ -170,6 +176,11 @@ class Watch:
         data = os.read(self.out_r, count)
         self._write(data)
         return len(data)
+
+    def _writable_before_deadline(self) -> bool:
+        waiter = select.poll()
+        waiter.register(self.caller_out, select.POLLOUT)
+        return bool(waiter.poll(self._poll_ms()))
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -272,3 +272,30 @@ def test_one_file_for_stdout_and_stderr_keeps_all_output(tmp_path):
         both.seek(0)
         assert both.read() == message
     assert result.outcome is Outcome.OK and result.bytes_out == len(message)
+
+
+def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path):
+    """The agent's output goes to a pipe nobody drains: the deadline must still fire."""
+    report = tmp_path / "r.jsonl"
+    cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--set",
+                            "limits.wall_timeout_s=0.5", "--", PYTHON, "-c",
+                            "import sys; sys.stdout.buffer.write(b'x' * (8 << 20))"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    try:
+        status = cli.wait(timeout=20)  # without reading stdout: its pipe stays full
+    finally:
+        cli.kill()
+        cli.communicate()
+    record = json.loads(report.read_text())
+    assert (status, record["outcome"]) == (75, "timeout")
+    assert record["wall_s"] < 2
+
+
+def test_output_through_a_slow_pipe_arrives_whole():
+    """The caller's 64 KiB pipe fills and drains many times over: nothing is lost."""
+    message = os.urandom(8 << 20)
+    done = subprocess.run([*CLI, "run", "--", "/bin/cat"], input=message, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == message
