@@ -12,12 +12,14 @@ import smtplib
 import socket
 import subprocess
 import uuid
+from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Protocol
 
 import pytest
 
 from .corpus import CorpusMessage, corpus, split_trace_headers
+from .debian import require_root_debian
 from .mailsite import (
     FAILING,
     MAILDIR,
@@ -25,10 +27,20 @@ from .mailsite import (
     Scenario,
     bounces_for,
     envelope_records,
+    exclusive_site,
     read_maildir,
     report_records,
     wait_for,
 )
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[None]:
+    """The test site, held by one MTA module at a time (they swap conflicting packages)."""
+    require_root_debian()
+    with exclusive_site():
+        yield
+
 
 SMTP_HOST = "127.0.0.1"
 SMTP_PORT = 25

@@ -36,7 +36,6 @@ from .mailsite import (
     check_pipe_user_can_run_compartment,
     compartment_argv,
     compartment_command,
-    exclusive_site,
     prepare_site,
     read_maildir,
     remove_site,
@@ -45,6 +44,7 @@ from .mailsite import (
     wait_for,
 )
 from .mta_cases import (
+    site,
     smtp_port_free,
     smtp_ready,
     submit_sendmail,
@@ -54,7 +54,9 @@ from .mta_cases import (
 )
 
 pytestmark = pytest.mark.mta
-__all__ = ["test_corpus_arrives_byte_exact", "test_envelope_reaches_agent", "test_failing_agent"]
+# Imported so that pytest finds them here: the shared cases and the site fixture.
+__all__ = ["site", "test_corpus_arrives_byte_exact", "test_envelope_reaches_agent",
+           "test_failing_agent"]
 
 PRESEED = ("exim4-config exim4/dc_eximconfig_configtype select "
            "local delivery only; not on a network\n"
@@ -235,13 +237,6 @@ def _clear_queue() -> None:
            if line[:1] == " " and len(line.split()) >= 3 and "<" in line]
     if ids:
         subprocess.run([EXIM, "-Mrm", *ids], capture_output=True, check=False)
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[None]:
-    require_root_debian()
-    with exclusive_site():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .debian import install_replacing, require_root_debian
+from .debian import install_replacing
 from .mailsite import (
     AGENTS,
     MAILDIR,
@@ -30,7 +30,6 @@ from .mailsite import (
     WALL_TIMEOUT_S,
     check_pipe_user_can_run_compartment,
     compartment_command,
-    exclusive_site,
     prepare_site,
     read_maildir,
     remove_site,
@@ -39,6 +38,7 @@ from .mailsite import (
     wait_for,
 )
 from .mta_cases import (
+    site,
     small_message,
     smtp_port_free,
     smtp_ready,
@@ -49,7 +49,9 @@ from .mta_cases import (
 )
 
 pytestmark = pytest.mark.mta
-__all__ = ["test_corpus_arrives_byte_exact", "test_envelope_reaches_agent", "test_failing_agent"]
+# Imported so that pytest finds them here: the shared cases and the site fixture.
+__all__ = ["site", "test_corpus_arrives_byte_exact", "test_envelope_reaches_agent",
+           "test_failing_agent"]
 
 PRESEED = ("opensmtpd opensmtpd/mailname string mx.compartment.test\n"
            "opensmtpd opensmtpd/root_address string\n")
@@ -117,13 +119,6 @@ class OpenSmtpdDriver:
 
 def _remove_all_envelopes() -> None:
     subprocess.run([SMTPCTL, "remove", "all"], capture_output=True, check=False)
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[None]:
-    require_root_debian()
-    with exclusive_site():
-        yield
 
 
 @pytest.fixture(scope="module")

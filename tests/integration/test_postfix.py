@@ -35,7 +35,6 @@ from .mailsite import (
     check_pipe_user_can_run_compartment,
     compartment_argv,
     compartment_command,
-    exclusive_site,
     prepare_site,
     read_maildir,
     remove_site,
@@ -44,6 +43,7 @@ from .mailsite import (
     wait_for,
 )
 from .mta_cases import (
+    site,
     small_message,
     smtp_port_free,
     smtp_ready,
@@ -55,7 +55,9 @@ from .mta_cases import (
 )
 
 pytestmark = pytest.mark.mta
-__all__ = ["test_corpus_arrives_byte_exact", "test_envelope_reaches_agent", "test_failing_agent"]
+# Imported so that pytest finds them here: the shared cases and the site fixture.
+__all__ = ["site", "test_corpus_arrives_byte_exact", "test_envelope_reaches_agent",
+           "test_failing_agent"]
 
 PRESEED = ("postfix postfix/main_mailer_type select No configuration\n"
            "postfix postfix/mailname string mx.compartment.test\n")
@@ -213,13 +215,6 @@ class PostfixDriver:
 
     def queued(self, recipient: str) -> bool:
         return bool(self._recipients(recipient))
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[None]:
-    require_root_debian()
-    with exclusive_site():
-        yield
 
 
 @pytest.fixture(scope="module")
