@@ -95,7 +95,7 @@ def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path
         problem = append(report_path, result)
         if problem:
             text = text[:DIAGNOSTIC_BYTES - 200] + f"compartment: {problem}\n".encode()[:200]
-    _write_all(stderr_fd, text)
+    _tell(stderr_fd, text)
 
 
 def _said_by_runner(result: Result) -> bool:
@@ -179,7 +179,8 @@ def _fully_read(fd: int, offset: int | None) -> bool:
     guess."""
     if offset is not None:
         return os.lseek(fd, 0, os.SEEK_CUR) >= os.fstat(fd).st_size
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISFIFO(mode) and not stat.S_ISSOCK(mode):
         return True
     if not select.select([fd], [], [], 0)[0]:  # readable: data waiting, or the writer gone
         return False  # the writer is still there with more to send
@@ -191,10 +192,8 @@ def _fileno(stream: Stream) -> int:
     return stream if isinstance(stream, int) else stream.fileno()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _tell(fd: int, data: bytes) -> None:
     try:
-        while view:
-            view = view[os.write(fd, view):]
+        message.write_all(fd, data)
     except OSError:
         return  # the caller closed stderr: the exit status and the report still tell

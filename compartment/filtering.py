@@ -55,7 +55,7 @@ def _filter(argv: Sequence[str], policy: Policy, original: int, output: str | No
             agent_exit_codes: str | None) -> tuple[Result, bytes]:
     new = os.open("/var/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        agent_view = os.open(f"/proc/self/fd/{original}", os.O_RDONLY | os.O_CLOEXEC)
+        agent_view = message.reopen_read_only(original)
         try:
             result, diagnostics = execute(argv, policy, (agent_view, new, stderr), env, caller,
                                           agent_exit_codes)
@@ -89,7 +89,7 @@ def _seekable(fd: int, max_bytes: int) -> int:
     except OSError as err:
         raise message.MessageError(f"stdin: {err.strerror}") from None
     if stat.S_ISREG(info.st_mode):  # the caller's own file: nothing to copy
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return message.reopen_read_only(fd)
     return message.spool_copy(fd, "file", max_bytes)
 
 

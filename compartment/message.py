@@ -53,12 +53,17 @@ def spool_copy(fd: int, mode: str, max_bytes: int, tmpdir: str = "/var/tmp") -> 
         fcntl.fcntl(spool, fcntl.F_ADD_SEALS, _SEALS)
         # A read-only descriptor of its own, with its own offset at 0: the write seal stops
         # writes, the read-only open stops even an attempt.
-        read_only = os.open(f"/proc/self/fd/{spool}", os.O_RDONLY | os.O_CLOEXEC)
+        read_only = reopen_read_only(spool)
     except BaseException:
         os.close(spool)
         raise
     os.close(spool)
     return read_only
+
+
+def reopen_read_only(fd: int) -> int:
+    """A new read-only open of the same file, with its own offset at 0."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def copy(source: int, destination: int, max_bytes: int | None = None) -> int:
@@ -89,8 +94,13 @@ def _mover(source: int, destination: int):  # noqa: ANN202 - a closure over the 
             if err.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise
         data = os.read(source, count)  # a socket or a terminal: the slow way
-        view = memoryview(data)
-        while view:
-            view = view[os.write(destination, view):]
+        write_all(destination, data)
         return len(data)
     return send
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of data is written (a pipe or socket may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -26,7 +26,7 @@ import socket
 import struct
 import time
 
-from compartment import syscalls
+from compartment import message, syscalls
 from compartment.confine.descriptors import LISTENER_RECORD
 from compartment.confine.errors import RECORD, SetupError
 from compartment.confine.init import EXIT_RECORD, EXIT_TAG
@@ -153,9 +153,7 @@ class Watch:
         try:
             moved = self._move(min(room, _CHUNK))
         except OSError as err:
-            self.caller_error = f"cannot write the agent's output: {err.strerror}"
-            self.kill("caller")
-            return False
+            return self._caller_failed(err)
         self.bytes_out += moved
         return moved > 0
 
@@ -174,7 +172,7 @@ class Watch:
                     raise
                 self._splice = False
         data = os.read(self.out_r, count)
-        self._write(data)
+        message.write_all(self.caller_out, data)
         return len(data)
 
     def _writable_before_deadline(self) -> bool:
@@ -182,10 +180,10 @@ class Watch:
         waiter.register(self.caller_out, select.POLLOUT)
         return bool(waiter.poll(self._poll_ms()))
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.caller_out, view):]
+    def _caller_failed(self, err: OSError) -> bool:
+        self.caller_error = f"cannot write the agent's output: {err.strerror}"
+        self.kill("caller")
+        return False
 
     def _on_diagnostics(self) -> bool:
         if self._spilled:
@@ -201,11 +199,9 @@ class Watch:
             # 2>&1`) and the agent writes real output.  All of it is passed on, none of it
             # dropped; a reason line of ours then comes last instead of first.
             try:
-                self._write(bytes(self.diagnostics) + data)
+                message.write_all(self.caller_out, bytes(self.diagnostics) + data)
             except OSError as err:
-                self.caller_error = f"cannot write the agent's output: {err.strerror}"
-                self.kill("caller")
-                return False
+                return self._caller_failed(err)
             self.diagnostics.clear()
             self._spilled = True
             return True
