@@ -1,7 +1,5 @@
 """python -m compartment: the same as the compartment command."""
 
-import sys
+from compartment.cli import command
 
-from compartment.cli import main
-
-sys.exit(main())
+command()

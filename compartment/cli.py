@@ -13,9 +13,12 @@ convention, with the reason on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from compartment.exits import Convention, Outcome, runner_status
 
@@ -26,7 +29,18 @@ class UsageError(Exception):
     pass
 
 
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        # A fixed width: the default asks the terminal's size, importing shutil (and with it
+        # bz2 and lzma) on every delivery.
+        super().__init__(prog, width=100)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
@@ -59,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
         sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
     return top
+
+
+def command() -> NoReturn:
+    """The installed command: main(), then exit without tearing the interpreter down, which
+    costs a few milliseconds per delivery and has nothing left to do: the report is written,
+    the agent's output is in the kernel's hands, and the two streams are flushed here."""
+    try:
+        status = main()
+    except SystemExit as err:  # --help
+        status = err.code if isinstance(err.code, int) else 0
+    except Exception as err:  # noqa: BLE001 - exit 1 would be a bounce; this is ours to retry
+        status = _usage_failure(sys.argv[1:], f"compartment: internal error: "
+                                f"{type(err).__name__}: {err}")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,8 +38,7 @@ from compartment.policy_fields import (
     uid_spec,
 )
 
-# The shipped policies: package data of compartment.policies, wherever it was installed (an
-# editable install maps it to the checkout's policies/).
+# The shipped policies: package data of compartment.policies, wherever it was installed.
 _SHIPPED = policies.__path__[0]
 
 

@@ -197,6 +197,18 @@ def test_cli_check_and_policies():
     assert bad.returncode == 78 and "limits.cpu_seconds: expected a whole number" in bad.stderr
 
 
+@pytest.mark.parametrize(("convention", "status", "prefix"),
+                         [("sysexits", 75, "4.3.5 "), ("qmail", 111, "")])
+def test_cli_internal_error_is_a_temporary_failure(convention, status, prefix):
+    # A bug of ours must not exit 1, which Postfix and Exim take as a bounce.
+    crash = ("import compartment.cli as cli; cli.main = lambda: 1 // 0; cli.command()")
+    result = subprocess.run([sys.executable, "-I", "-c", crash, "run", "--exit-codes", convention,
+                             "--", "/bin/true"], capture_output=True, text=True)
+    assert result.returncode == status
+    assert result.stderr == (f"{prefix}compartment: internal error: ZeroDivisionError: "
+                             "integer division or modulo by zero\n")
+
+
 def test_cli_run_bad_policy_is_a_temporary_failure_with_a_reason():
     result = subprocess.run([*CLI, "run", "-p", "/nonexistent.toml", "--", "/bin/true"],
                             capture_output=True, stdin=subprocess.DEVNULL)
