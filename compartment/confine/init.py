@@ -24,6 +24,7 @@ import struct
 import prctl
 
 from compartment import syscalls
+from compartment.confine import session
 
 EXIT_RECORD = struct.Struct("8si")
 EXIT_TAG = b"exited"
@@ -42,8 +43,7 @@ def run(agent: int, status: socket.socket) -> None:
     # Default dispositions (the supervisor's Python handlers are inherited): the kernel then
     # drops every signal sent to a namespace's pid 1 from inside it, so the agent cannot kill
     # its init and make its own end look like the runner's failure.
-    for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-        signal.signal(signum, signal.SIG_DFL)
+    session.default_dispositions()
     prctl.set_pdeathsig(signal.SIGKILL)  # the supervisor gone: the whole namespace goes
     while True:
         pid, wait_status = os.waitpid(-1, 0)

@@ -9,6 +9,7 @@ changing credentials clears it; as pid 1 of the namespace its death takes every 
 
 from __future__ import annotations
 
+import _signal  # signal's C half: the same calls without an enum made per signal (~0.1 ms)
 import os
 import signal
 
@@ -23,15 +24,20 @@ STEP = "session"
 def enter() -> None:
     try:
         os.setsid()
-        # The signal module knows every disposition: it read them all at start-up and made
-        # every change since, so only those not at SIG_DFL need a call.  It does not know the
-        # C library's own two (32 and 33), which a caller may still have left ignored.
-        for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-            if signal.getsignal(signum) is not signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-        for signum in set(range(1, signal.SIGRTMIN)) - signal.valid_signals():
-            syscalls.default_signal(signum)
+        default_dispositions()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl.set_pdeathsig(signal.SIGKILL)
     except (OSError, ValueError) as err:
         raise fail(STEP, "setsid", err if isinstance(err, OSError) else 0, str(err)) from None
+
+
+def default_dispositions() -> None:
+    """Every signal to SIG_DFL.  The signal module knows every disposition (it read them all at
+    start-up and made every change since), so only those not at SIG_DFL need a call; it does not
+    know the C library's own two (32 and 33, None here), which a caller may have left ignored."""
+    for signum in range(1, signal.NSIG):
+        handler = _signal.getsignal(signum)
+        if handler is None:
+            syscalls.default_signal(signum)
+        elif handler != _signal.SIG_DFL:
+            _signal.signal(signum, _signal.SIG_DFL)
