@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compartment import syscall_filter, syscalls, uidpool
-from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child
+from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, scope
 from compartment.policy import Policy
 from compartment.watch import Watch
 
@@ -61,7 +61,7 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     except (filesystem.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         raise ConfigError(str(err)) from None
     plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
-                uid=uid, gid=gid, filesystem=fs,
+                network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
                 last_cap=last_cap, rlimits=rlimit_plan,
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
@@ -75,7 +75,7 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged))
+        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, plan.network is None))
         if pid == 0:
             ours.close()
             run_child(plan, theirs)  # never returns
@@ -111,6 +111,13 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         if prepared.lease:
             prepared.lease.release()
     return watch, prepared
+
+
+def _network(policy: Policy, unprivileged: bool) -> int | None:
+    """The shared network namespace when sharing keeps compartments apart (namespaces.py)."""
+    if unprivileged or policy.filesystem.proc or not scope.available():
+        return None
+    return namespaces.shared_network()
 
 
 def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lease | None]:

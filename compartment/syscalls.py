@@ -15,14 +15,14 @@ _MACHINE = os.uname().machine
 
 # Syscall numbers the standard library does not wrap in Python 3.11.
 _NUMBERS: dict[str, dict[str, int]] = {
-    "x86_64": {"clone": 56, "pivot_root": 155, "seccomp": 317, "close_range": 436,
-               "pidfd_send_signal": 424, "rt_sigaction": 13},
-    "aarch64": {"clone": 220, "pivot_root": 41, "seccomp": 277, "close_range": 436,
-                "pidfd_send_signal": 424, "rt_sigaction": 134},
+    "x86_64": {"clone": 56, "pivot_root": 155, "seccomp": 317, "rt_sigaction": 13},
+    "aarch64": {"clone": 220, "pivot_root": 41, "seccomp": 277, "rt_sigaction": 134},
 }
 if _MACHINE not in _NUMBERS:
     raise ImportError(f"compartment supports x86_64 and aarch64, not {_MACHINE}")
-NR = _NUMBERS[_MACHINE]
+# Numbers from 403 up are the same on every architecture.
+NR = _NUMBERS[_MACHINE] | {"pidfd_send_signal": 424, "close_range": 436,
+                           "landlock_create_ruleset": 444, "landlock_restrict_self": 446}
 
 # clone(2) namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -183,6 +183,41 @@ def capget() -> dict[str, int]:
     _check(_libc.capget(ctypes.byref(header), data), "capget")
     return {name: getattr(data[0], name) | getattr(data[1], name) << 32
             for name in ("effective", "permitted", "inheritable")}
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare", hex(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns", hex(nstype))
+
+
+# Landlock (linux/landlock.h): only its scopes are used, which need ABI 6 (Linux 6.12).
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = (("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64))
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 when Landlock is not built or not enabled."""
+    version = _syscall(ctypes.c_long(NR["landlock_create_ruleset"]), None, ctypes.c_size_t(0),
+                       ctypes.c_uint(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    return max(version, 0)
+
+
+def landlock_scope(scoped: int) -> None:
+    """Put the calling thread in a new Landlock domain that handles only `scoped`."""
+    attr = _LandlockRulesetAttr(0, 0, scoped)
+    ruleset = _raw("landlock_create_ruleset", ctypes.byref(attr),
+                   ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint(0), detail="scoped")
+    try:
+        _raw("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint(0))
+    finally:
+        os.close(ruleset)
 
 
 def sethostname(name: str) -> None:

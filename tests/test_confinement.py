@@ -21,6 +21,7 @@ import pytest
 from agentrun import PROBE, PYTHON, probe, run_agent
 
 from compartment import Outcome
+from compartment.confine import namespaces, scope
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement tests run as root "
                                 "(CI does); the unprivileged mode is tested via `nobody`")
@@ -40,6 +41,48 @@ def test_network_namespace_has_only_loopback():
     ran = run_agent([PYTHON, "-I", "-c", code], overrides={"filesystem.proc": "true"})
     interfaces = [line.split(":")[0].strip() for line in ran.stdout.decode().splitlines()[2:]]
     assert interfaces == ["lo"]
+
+
+SCOPE_HOLDER = """import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind("\\0" + sys.argv[1]); s.listen(); s.settimeout(4)
+try:
+    s.accept(); print("accepted")
+except TimeoutError:
+    print("nobody came")
+"""
+SCOPE_SEEKER = """import errno, socket, sys, time
+for _ in range(60):
+    try:
+        socket.socket(socket.AF_UNIX).connect("\\0" + sys.argv[1]); print("connected"); break
+    except ConnectionRefusedError:
+        time.sleep(0.05)  # not bound yet
+    except OSError as err:
+        print(errno.errorcode[err.errno]); break
+"""
+
+
+@pytest.mark.skipif(not scope.available(), reason="this kernel has no Landlock scopes (ABI < "
+                    "6), so each compartment has a network namespace of its own")
+def test_scope_keeps_abstract_sockets_to_their_compartment():
+    """Compartments of one root supervisor, here the two processes of a caller that forked,
+    share one empty network namespace; each one's abstract sockets stay its own."""
+    namespaces.shared_network()  # made before the fork: both sides join the same one
+    name = f"compartment-scope-{os.getpid()}"
+    reader, writer = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        try:
+            os.close(reader)
+            os.write(writer, run_agent([PYTHON, "-I", "-c", SCOPE_HOLDER, name]).stdout)
+        finally:
+            os._exit(0)
+    os.close(writer)
+    seeker = run_agent([PYTHON, "-I", "-c", SCOPE_SEEKER, name])
+    os.waitpid(holder, 0)
+    with os.fdopen(reader, "rb") as held:
+        # EPERM, not ECONNREFUSED: the name was there (one namespace) and Landlock refused it
+        assert (seeker.stdout, held.read()) == (b"EPERM\n", b"nobody came\n")
 
 
 def test_uts_namespace_has_its_own_hostname():

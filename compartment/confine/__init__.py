@@ -3,8 +3,8 @@
 `enter` is the whole story of the child, from the clone() that made it in new namespaces to the
 execve() of the agent.  The order, and why:
 
-1. namespaces    user-namespace id maps (unprivileged), hostname: first, everything below
-                 happens inside them.
+1. namespaces    the shared network namespace joined (root) or user-namespace id maps
+                 (unprivileged), hostname: first, everything below happens inside them.
 2. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
    init          fork: pid 1 stays behind as the compartment's init (init.py), stripped of
                  capabilities, and only waits; the agent continues below as an ordinary process.
@@ -17,12 +17,14 @@ execve() of the agent.  The order, and why:
 7. session       setsid, signal dispositions and mask reset, parent-death signal (after the uid
                  change, which clears it).
 8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
-9. seccomp       last security step, so the filter need not allow any of the above.
-10. descriptors  listener handed to the supervisor, 0/1/2 and extras placed, the rest close on
+9. scope         a Landlock domain that keeps abstract sockets to the compartment, when the
+                 network namespace is shared: needs no_new_privs, and comes before seccomp.
+10. seccomp      last security step, so the filter need not allow any of the above.
+11. descriptors  listener handed to the supervisor, 0/1/2 and extras placed, the rest close on
                  exec.
-11. rlimits      descriptors and address space, which the setup itself needed, then every limit
+12. rlimits      descriptors and address space, which the setup itself needed, then every limit
    (late)        read back.
-12. exec         the program, by path, with the policy's environment; argv is a list, no shell.
+13. exec         the program, by path, with the policy's environment; argv is a list, no shell.
 
 A failing step raises SetupError; `run_child` sends it to the supervisor as one fixed-size record
 on the status socket and exits 127.  Nothing here returns into the supervisor's code.
@@ -47,6 +49,7 @@ from compartment.confine import (
     init,
     namespaces,
     rlimits,
+    scope,
     seccomp,
     session,
 )
@@ -61,6 +64,7 @@ class Plan:
 
     unprivileged: bool
     hostname: str
+    network: int | None  # the shared network namespace, or None for one of its own
     uid: int
     gid: int
     filesystem: filesystem.Plan
@@ -75,7 +79,7 @@ class Plan:
 
 def enter(plan: Plan, status: socket.socket) -> None:
     """Child, just cloned into new namespaces, privileged there; returns only by raising."""
-    namespaces.enter(plan.unprivileged, plan.uid, plan.gid, plan.hostname)
+    namespaces.enter(plan.unprivileged, plan.uid, plan.gid, plan.hostname, plan.network)
     filesystem.enter(plan.filesystem)
     agent = syscalls.clone(0)
     if agent:
@@ -86,6 +90,7 @@ def enter(plan: Plan, status: socket.socket) -> None:
     rlimits.enter(plan.rlimits)
     session.enter()
     _no_new_privs()
+    scope.enter(plan.network is not None)
     listener = seccomp.enter(plan.seccomp)
     descriptors.enter(plan.handed, listener, status)
     rlimits.enter_late(plan.rlimits)

@@ -2,26 +2,63 @@
 
 Parent side: `clone_flags` chooses them; the clone itself is in the supervisor.  Child side
 (`enter`), just cloned, privileged (root, or every capability inside its own new user namespace):
-map the caller's own ids into the user namespace.  The new network namespace holds only a
-loopback interface that is down, so no address is reachable; pid 1 of the new pid namespace is
-the agent, and when it dies the kernel kills everything else in the namespace.
+map the caller's own ids into the user namespace, or join the shared network namespace.  The
+network namespace holds only a loopback interface that is down, so no address is reachable;
+pid 1 of the new pid namespace is the init, and when it dies the kernel kills everything else in
+the namespace.
+
+A new network namespace costs about a third of a millisecond to make and more to destroy, and
+the kernel serialises both, so a root supervisor makes one, once, and every compartment joins
+it.  What compartments could share through it: no interface is up and seccomp refuses every
+socket family but AF_UNIX, so only the abstract AF_UNIX names are common to them; the scope step
+(Landlock) refuses connecting or sending to an abstract socket made outside the compartment,
+and without Landlock scopes, or with a /proc (whose net/unix lists the names), a compartment
+gets a network namespace of its own as before.  Left between them: seeing that a name is taken
+when binding it, a covert channel between two compromised compartments no wider than their CPU
+load, which no namespace closes either.
 """
 
 from __future__ import annotations
+
+import os
 
 from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "namespaces"
+_shared: list[int] = []  # the shared network namespace, once made: one per supervisor process
 
 
-def clone_flags(unprivileged: bool) -> int:
-    flags = (syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWNET
-             | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS)
+def clone_flags(unprivileged: bool, own_network: bool) -> int:
+    flags = (syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWIPC
+             | syscalls.CLONE_NEWUTS)
+    flags |= syscalls.CLONE_NEWNET if own_network else 0
     return flags | syscalls.CLONE_NEWUSER if unprivileged else flags
 
 
-def enter(unprivileged: bool, uid: int, gid: int, hostname: str) -> None:
+def shared_network() -> int:
+    """Parent side, root: a descriptor of the empty network namespace compartments join.  The
+    supervisor steps into a new one just long enough to open it, then back: it is
+    single-threaded (clone requires it), so nothing of its own runs there meanwhile."""
+    if not _shared:
+        own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNET)
+            try:
+                _shared.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            finally:
+                syscalls.setns(own, syscalls.CLONE_NEWNET)
+        finally:
+            os.close(own)
+    return _shared[0]
+
+
+def enter(unprivileged: bool, uid: int, gid: int, hostname: str, network: int | None) -> None:
+    if network is not None:
+        try:
+            syscalls.setns(network, syscalls.CLONE_NEWNET)
+        except OSError as err:
+            raise fail(STEP, "setns", err, "the shared network namespace") from None
     if unprivileged:
         # One line each, our own ids: the only mapping an unprivileged process may write, and
         # gid_map needs setgroups denied first (user_namespaces(7)).
