@@ -142,8 +142,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from compartment.confine.filesystem import PlanError, plan
     from compartment.policy import Policy, PolicyError
+    from compartment.rootfs import PlanError, plan
     from compartment.syscall_filter import FilterError, compile_filter
 
     try:

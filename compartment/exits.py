@@ -8,7 +8,7 @@ every failure that is not the message's fault must come out as 75, never 70 or 7
 
 from __future__ import annotations
 
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 
 
 class Outcome(StrEnum):
@@ -29,25 +29,16 @@ class Convention(StrEnum):
     QMAIL = "qmail"
 
 
-class ExitStatus(IntEnum):
-    """The statuses the runner itself chooses; an agent's own pass through as numbers."""
-    OK = 0
-    QMAIL_PERMANENT = 100
-    QMAIL_TEMPORARY = 111
-    EX_TEMPFAIL = 75
-    EX_NOPERM = 77
-
-
 class Verdict(StrEnum):
     SUCCESS = "success"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
 
 
-_TEMPORARY = {Convention.SYSEXITS: ExitStatus.EX_TEMPFAIL,
-              Convention.QMAIL: ExitStatus.QMAIL_TEMPORARY}
-_PERMANENT = {Convention.SYSEXITS: ExitStatus.EX_NOPERM,
-              Convention.QMAIL: ExitStatus.QMAIL_PERMANENT}
+# The statuses the runner itself chooses (an agent's own pass through as numbers): EX_TEMPFAIL
+# and EX_NOPERM, qmail's temporary and permanent failure.
+_TEMPORARY = {Convention.SYSEXITS: 75, Convention.QMAIL: 111}
+_PERMANENT = {Convention.SYSEXITS: 77, Convention.QMAIL: 100}
 
 _QMAIL_PERMANENT_CODES = frozenset({64, 65, 70, 76, 77, 78, 100, 112})
 # sysexits.h codes that are a verdict on the message or its recipient: EX_DATAERR, EX_NOUSER,
@@ -66,7 +57,7 @@ _ENHANCED = {
 def runner_status(convention: Convention, permanent: bool = False) -> int:
     """Exit status for a failure the runner saw (limits, violations, errors): temporary,
     unless the policy opted this class into a bounce."""
-    return int((_PERMANENT if permanent else _TEMPORARY)[convention])
+    return (_PERMANENT if permanent else _TEMPORARY)[convention]
 
 
 def classify(code: int, convention: Convention) -> Verdict:
@@ -88,8 +79,8 @@ def translate(code: int, agent: Convention, caller: Convention) -> int:
     if agent is caller and (agent is Convention.QMAIL or verdict is Verdict.PERMANENT):
         return code
     if verdict is Verdict.SUCCESS:
-        return int(ExitStatus.OK)
-    return int((_PERMANENT if verdict is Verdict.PERMANENT else _TEMPORARY)[caller])
+        return 0
+    return (_PERMANENT if verdict is Verdict.PERMANENT else _TEMPORARY)[caller]
 
 
 def diagnostic_line(outcome: Outcome, reason: str, convention: Convention,

@@ -17,8 +17,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from compartment import syscall_filter, syscalls, uidpool
-from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, scope
+from compartment import rootfs, syscall_filter, syscalls, uidpool
+from compartment.confine import Plan, namespaces, rlimits, run_child, scope
 from compartment.policy import Policy
 from compartment.watch import Watch
 
@@ -54,11 +54,11 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     unprivileged = os.geteuid() != 0
     last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
     try:
-        fs = filesystem.plan(policy.filesystem, program)
+        fs = rootfs.plan(policy.filesystem, program)
         _check_interpreter(program, fs)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
         uid, gid, lease = _identity(policy, unprivileged)  # last: nothing below can fail
-    except (filesystem.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
+    except (rootfs.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         raise ConfigError(str(err)) from None
     plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
                 network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
@@ -115,7 +115,7 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
 
 def _network(policy: Policy, unprivileged: bool) -> int | None:
     """The shared network namespace when sharing keeps compartments apart (namespaces.py)."""
-    if unprivileged or policy.filesystem.proc or not scope.available():
+    if unprivileged or policy.filesystem.proc or syscalls.landlock_abi() < scope.MIN_ABI:
         return None
     return namespaces.shared_network()
 
@@ -152,7 +152,7 @@ def _resolve(name: str, path: str) -> str:
     return os.path.normpath(found)
 
 
-def _check_interpreter(program: str, fs: filesystem.Plan) -> None:
+def _check_interpreter(program: str, fs: rootfs.Plan) -> None:
     """A script's #! interpreter must exist in the new root, or exec fails with a misleading
     ENOENT that names the script."""
     try:

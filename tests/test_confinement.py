@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from agentrun import PROBE, PYTHON, probe, run_agent
 
-from compartment import Outcome
+from compartment import Outcome, syscalls
 from compartment.confine import namespaces, scope
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement tests run as root "
@@ -62,8 +62,9 @@ for _ in range(60):
 """
 
 
-@pytest.mark.skipif(not scope.available(), reason="this kernel has no Landlock scopes (ABI < "
-                    "6), so each compartment has a network namespace of its own")
+@pytest.mark.skipif(syscalls.landlock_abi() < scope.MIN_ABI, reason="this kernel has no "
+                    "Landlock scopes (ABI < 6), so each compartment has a network namespace "
+                    "of its own")
 def test_scope_keeps_abstract_sockets_to_their_compartment():
     """Compartments of one root supervisor, here the two processes of a caller that forked,
     share one empty network namespace; each one's abstract sockets stay its own."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import prctl
 
-from compartment import syscalls
+from compartment import rootfs, syscalls
 from compartment.confine import (
     capabilities,
     credentials,
@@ -67,7 +67,7 @@ class Plan:
     network: int | None  # the shared network namespace, or None for one of its own
     uid: int
     gid: int
-    filesystem: filesystem.Plan
+    filesystem: rootfs.Plan
     last_cap: int
     rlimits: rlimits.Rlimits
     seccomp: syscalls.PreparedFilter

@@ -11,19 +11,11 @@ namespace is shared: one of the compartment's own needs no scope.
 
 from __future__ import annotations
 
-import functools
-
 from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "scope"
 MIN_ABI = 6  # the first Landlock ABI with scopes (Linux 6.12)
-
-
-@functools.cache
-def available() -> bool:
-    """Parent side: whether the kernel can scope abstract sockets, so sharing is safe."""
-    return syscalls.landlock_abi() >= MIN_ABI
 
 
 def enter(shared_network: bool) -> None:
