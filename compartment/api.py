@@ -29,8 +29,6 @@ if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's st
     from typing import IO, TypeAlias
 
     Stream: TypeAlias = int | IO[bytes] | IO[str]
-_KILLED = {"timeout": Outcome.TIMEOUT, "output-limit": Outcome.OUTPUT_LIMIT,
-           "violation": Outcome.VIOLATION, "caller": Outcome.INTERNAL_ERROR}
 UNREAD = "agent exited 0 without reading the whole message"
 
 
@@ -150,11 +148,11 @@ def _outcome(watch: Watch, policy: Policy,
         return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
                 f"status (wait status {status:#x})", None, None)
     if watch.killed_for:
-        reason = {"timeout": f"timed out after {limits.wall_timeout_s:g} s",
-                  "output-limit": f"wrote more than {limits.output_bytes} bytes of output",
-                  "violation": f"seccomp violation: {watch.denied_syscall} is not allowed",
-                  "caller": watch.caller_error}[watch.killed_for]
-        return _KILLED[watch.killed_for], reason, None, signum
+        reason = {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
+                  Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
+                  Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
+                  Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
+        return watch.killed_for, reason, None, signum
     if signum is not None:
         name = signal.Signals(signum).name
         if signum == signal.SIGSYS:

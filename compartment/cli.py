@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -29,25 +30,18 @@ class UsageError(Exception):
     pass
 
 
-class _Formatter(argparse.HelpFormatter):
-    def __init__(self, prog: str) -> None:
-        # A fixed width: the default asks the terminal's size, importing shutil (and with it
-        # bz2 and lzma) on every delivery.
-        super().__init__(prog, width=100)
-
-
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="compartment", description="Run a mail agent confined by the kernel.")
-    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # A fixed help width: the default asks the terminal's size, importing shutil (and with it
+    # bz2 and lzma) on every delivery.
+    parser = functools.partial(_Parser, formatter_class=functools.partial(
+        argparse.HelpFormatter, width=100))
+    top = parser(prog="compartment", description="Run a mail agent confined by the kernel.")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=parser)
     run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
     filt = commands.add_parser("filter", help="run PROGRAM confined; its stdout is the new "
                                "message, handed on to a file, sendmail or stdout")

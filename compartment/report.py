@@ -41,14 +41,14 @@ class Result:
 def append(path: str, result: Result) -> str | None:
     """Append the run's line to `path`; returns why it could not, or None."""
     line = (result.to_json() + "\n").encode()
-    fd = -1
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         # One write of the whole line: O_APPEND places it atomically, so concurrent
         # compartments sharing one report file do not interleave their lines.
-        return None if os.write(fd, line) == len(line) else f"report {path}: short write"
+        with open(path, "ab", buffering=0, opener=_open_for_append) as report:
+            return None if report.write(line) == len(line) else f"report {path}: short write"
     except OSError as err:
         return f"report {path}: {err.strerror}"
-    finally:
-        if fd >= 0:
-            os.close(fd)
+
+
+def _open_for_append(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o640)

@@ -30,6 +30,7 @@ from compartment import message, syscalls
 from compartment.confine.descriptors import LISTENER_RECORD
 from compartment.confine.errors import RECORD, SetupError
 from compartment.confine.init import EXIT_RECORD, EXIT_TAG
+from compartment.exits import Outcome
 from compartment.policy import Limits
 
 DIAGNOSTIC_BYTES = 4096
@@ -53,7 +54,7 @@ class Watch:
         self.deadline = self.started = self.ended = 0.0
         self.bytes_out = 0
         self.diagnostics = bytearray()
-        self.killed_for: str | None = None  # "timeout", "output-limit", "violation", "caller"
+        self.killed_for: Outcome | None = None  # why we killed it; the caller's failure is ours
         self.denied_syscall: str | None = None
         self.setup_error: SetupError | None = None
         self.wait_status = 0  # of the compartment's init
@@ -99,13 +100,13 @@ class Watch:
                     handlers[self.listener] = self._on_notification
                     poller.register(self.listener, select.POLLIN)
             if self.killed_for is None and time.monotonic() >= self.deadline:
-                self.kill("timeout")
+                self.kill(Outcome.TIMEOUT)
 
     def _poll_ms(self) -> int | None:
         remaining_ms = math.ceil((self.deadline - time.monotonic()) * 1000)
         return None if self.killed_for or self.rusage else max(0, remaining_ms)
 
-    def kill(self, why: str) -> None:
+    def kill(self, why: Outcome) -> None:
         self.killed_for = self.killed_for or why  # the first reason is the one reported
         try:
             syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -143,7 +144,7 @@ class Watch:
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:
             self.denied_syscall = self.names.get(number, f"syscall {number}")
-        self.kill("violation")
+        self.kill(Outcome.VIOLATION)
         return True
 
     def _on_stdout(self) -> bool:
@@ -165,7 +166,7 @@ class Watch:
                 return os.splice(self.out_r, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:  # the caller's pipe is full: wait, but not past the deadline
                 if not self._writable_before_deadline():
-                    self.kill("timeout")
+                    self.kill(Outcome.TIMEOUT)
                     return 0  # what the agent still writes is not delivered: the run failed
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
@@ -182,7 +183,7 @@ class Watch:
 
     def _caller_failed(self, err: OSError) -> bool:
         self.caller_error = f"cannot write the agent's output: {err.strerror}"
-        self.kill("caller")
+        self.kill(Outcome.INTERNAL_ERROR)
         return False
 
     def _on_diagnostics(self) -> bool:
@@ -212,7 +213,7 @@ class Watch:
         """No room left: one more byte means the agent wrote past the limit."""
         if os.read(fd, 1):
             self.bytes_out += 1
-            self.kill("output-limit")
+            self.kill(Outcome.OUTPUT_LIMIT)
         return False
 
     def close(self) -> None:

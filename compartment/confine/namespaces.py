@@ -26,7 +26,7 @@ from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "namespaces"
-_shared: list[int] = []  # the shared network namespace, once made: one per supervisor process
+_shared: list[tuple[int, int]] = []  # the shared network namespace once made: (fd, inode)
 
 
 def clone_flags(unprivileged: bool, own_network: bool) -> int:
@@ -37,20 +37,32 @@ def clone_flags(unprivileged: bool, own_network: bool) -> int:
 
 
 def shared_network() -> int:
-    """Parent side, root: a descriptor of the empty network namespace compartments join.  The
-    supervisor steps into a new one just long enough to open it, then back: it is
-    single-threaded (clone requires it), so nothing of its own runs there meanwhile."""
-    if not _shared:
-        own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """Parent side, root: a descriptor of the empty network namespace compartments join, one
+    per supervisor process.  To make it, the supervisor steps into a new namespace just long
+    enough to open it, then back: it is single-threaded (clone requires it), so nothing of its
+    own runs there meanwhile."""
+    if _shared and _still_open(*_shared[0]):
+        return _shared[0][0]
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
         try:
-            syscalls.unshare(syscalls.CLONE_NEWNET)
-            try:
-                _shared.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
-            finally:
-                syscalls.setns(own, syscalls.CLONE_NEWNET)
+            made = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         finally:
-            os.close(own)
-    return _shared[0]
+            syscalls.setns(own, syscalls.CLONE_NEWNET)
+    finally:
+        os.close(own)
+    _shared[:] = [(made, os.fstat(made).st_ino)]
+    return made
+
+
+def _still_open(fd: int, inode: int) -> bool:
+    """The caller may have closed our descriptor since (a daemon closing every descriptor),
+    and the number may now be another file's."""
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False
 
 
 def enter(unprivileged: bool, uid: int, gid: int, hostname: str, network: int | None) -> None:
