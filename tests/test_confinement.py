@@ -86,6 +86,20 @@ def test_scope_keeps_abstract_sockets_to_their_compartment():
         assert (seeker.stdout, held.read()) == (b"EPERM\n", b"nobody came\n")
 
 
+@pytest.mark.skipif(syscalls.landlock_abi() < scope.MIN_ABI, reason="this kernel has no "
+                    "Landlock scopes (ABI < 6): no network namespace is shared")
+def test_shared_network_survives_a_caller_closing_its_descriptor():
+    """A daemon may close every descriptor after its first delivery, and the number of ours
+    may then be another file's: the next run must not fail in setns."""
+    os.close(namespaces.shared_network())
+    other = os.open("/dev/null", os.O_RDONLY)  # the lowest free number: most likely ours
+    try:
+        ran = run_agent(["/bin/true"])
+        assert ran.result.outcome is Outcome.OK, ran.result.reason
+    finally:
+        os.close(other)
+
+
 def test_uts_namespace_has_its_own_hostname():
     first, second = probe("facts").json()["hostname"], probe("facts").json()["hostname"]
     assert first.startswith("compartment-") and second.startswith("compartment-")
