@@ -39,6 +39,7 @@ STEPS = (
     ("capabilities.drop_all done", "compartment.confine.capabilities", "drop_all", "after"),
     ("rlimits done", "compartment.confine.rlimits", "enter", "after"),
     ("session done", "compartment.confine.session", "enter", "after"),
+    ("scope done (+no_new_privs)", "compartment.confine.scope", "enter", "after"),
     ("seccomp loaded", "compartment.confine.seccomp", "enter", "after"),
     ("descriptors done", "compartment.confine.descriptors", "enter", "after"),
     ("late rlimits done", "compartment.confine.rlimits", "enter_late", "after"),

@@ -6,7 +6,6 @@ the caller can mention it on stderr.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,8 @@ class Result:
     bytes_out: int = 0           # stdout and stderr bytes the agent wrote
 
     def to_json(self) -> str:
+        import json  # only here: most runs of the command write no report, and json costs 1 ms
+
         record = {"time": round(time.time(), 3), **asdict(self)}
         record["outcome"] = str(self.outcome)
         return json.dumps(record, separators=(",", ":"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import random
 import signal
 
 LEASE_DIR = "/run/compartment/uids"
@@ -39,7 +38,7 @@ class Lease:
 def lease(first: int, last: int) -> Lease:
     os.makedirs(LEASE_DIR, mode=0o700, exist_ok=True)
     size = last - first + 1
-    start = random.randrange(size)  # spread concurrent callers over the pool
+    start = int.from_bytes(os.urandom(4), "little") % size  # spread concurrent callers
     for i in range(size):
         uid = first + (start + i) % size
         fd = os.open(f"{LEASE_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
