@@ -12,6 +12,7 @@ reach the table: the architecture check kills the process outright.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -132,6 +133,7 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
         raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
                           "which no policy can allow")
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
+    allowed.discard("prlimit64")  # only with pid 0: an argument rule, below
     flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
@@ -169,6 +171,7 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
             flt.add_rule(allow, "socket", arg(0, ps.EQ, _AF_UNIX))
             flt.add_rule(allow, "socketpair")
         flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
+        flt.add_rule(allow, "prlimit64", arg(0, ps.EQ, 0))
         for request in _SAFE_IOCTLS:  # the kernel reads the request as 32 bits
             flt.add_rule(allow, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
     else:
@@ -179,6 +182,10 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
         for request in (_TIOCSTI, _TIOCLINUX):
             flt.add_rule(notify, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
         _deny_set_id_modes(ps, flt)
+        # The compartment's init has the agent's uid, so prlimit64 could lower its hard CPU
+        # limit and have the kernel kill it: a process may set its own limits (pid 0) only.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):  # denied outright already
+            flt.add_rule(notify, "prlimit64", arg(0, ps.NE, 0))
     # clone3 and openat2 pass their flags in memory, out of the filter's sight: refuse them with
     # ENOSYS so that the C library falls back to clone() and openat(), checked above.
     # Anonymous shared memory (memfd, SysV segments and queues) is held by the kernel, not by

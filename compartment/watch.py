@@ -27,9 +27,9 @@ import struct
 import time
 
 from compartment import message, syscalls
-from compartment.confine.descriptors import LISTENER_RECORD
 from compartment.confine.errors import RECORD, SetupError
 from compartment.confine.init import EXIT_RECORD, EXIT_TAG
+from compartment.confine.seccomp import LISTENER_RECORD
 from compartment.exits import Outcome
 from compartment.policy import Limits
 

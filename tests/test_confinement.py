@@ -183,7 +183,7 @@ def test_rlimits_are_the_policys():
     limits = probe("facts", overrides=overrides).json()["rlimits"]
     assert limits == {"RLIMIT_CPU": [7, 8], "RLIMIT_AS": [300 << 20] * 2,
                       "RLIMIT_FSIZE": [1 << 20] * 2, "RLIMIT_NOFILE": [33, 33],
-                      "RLIMIT_NPROC": [9, 9], "RLIMIT_CORE": [0, 0]}
+                      "RLIMIT_NPROC": [10, 10], "RLIMIT_CORE": [0, 0]}  # the init counts
 
 
 def test_rlimit_cpu_kills_a_spinning_agent():
@@ -359,6 +359,15 @@ def test_seccomp_refuses_setuid_and_setgid_modes(tmp_path, code, syscall):
     assert ran.result.outcome is Outcome.VIOLATION, ran.stderr
     assert ran.result.denied_syscall == syscall
     assert not any(p.stat().st_mode & 0o6000 for p in tmp_path.iterdir())
+
+
+def test_seccomp_keeps_the_agent_off_the_inits_limits():
+    """The init has the agent's uid: lowering its hard CPU limit would have the kernel kill it,
+    and the agent's own end would look like the runner's failure."""
+    code = "import resource; resource.prlimit(1, resource.RLIMIT_CPU, (0, 0)); print('lowered')"
+    ran = run_agent([PYTHON, "-I", "-c", code])
+    assert ran.result.outcome is Outcome.VIOLATION, ran.result.reason
+    assert ran.result.denied_syscall == "prlimit64" and ran.stdout == b""
 
 
 def test_init_is_out_of_the_agents_reach_in_a_user_namespace():

@@ -1,30 +1,38 @@
 """Confinement: the child-side steps, in one fixed order, each fatal on failure.
 
 `enter` is the whole story of the child, from the clone() that made it in new namespaces to the
-execve() of the agent.  The order, and why:
+execve() of the agent.  The first process takes every step itself, then forks the agent, which
+inherits all of it; the first process stays behind as the compartment's init (init.py).  The
+order, and why:
 
 1. namespaces    the shared network namespace joined (root) or user-namespace id maps
                  (unprivileged), hostname: first, everything below happens inside them.
 2. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
-   init          fork: pid 1 stays behind as the compartment's init (init.py), stripped of
-                 capabilities, and only waits; the agent continues below as an ordinary process.
 3. capabilities  bounding set emptied, securebits locked: needs CAP_SETPCAP, also before the
    (restrict)    ids change.
 4. credentials   groups, gid, uid, read back; the uid change clears the capability sets.
 5. capabilities  every set cleared and verified empty.
    (drop_all)
-6. rlimits       CPU, file size, processes, core: lowering needs no privilege.
-7. session       setsid, signal dispositions and mask reset, parent-death signal (after the uid
-                 change, which clears it).
+6. rlimits       CPU, file size, core: lowering needs no privilege.
+7. session       setsid, signal dispositions reset, every signal blocked (for the init),
+                 parent-death signal (after the uid change, which clears it), not dumpable.
 8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
 9. scope         a Landlock domain that keeps abstract sockets to the compartment, when the
-                 network namespace is shared: needs no_new_privs, and comes before seccomp.
-10. seccomp      last security step, so the filter need not allow any of the above.
-11. descriptors  listener handed to the supervisor, 0/1/2 and extras placed, the rest close on
-                 exec.
-12. rlimits      descriptors and address space, which the setup itself needed, then every limit
-   (late)        read back.
-13. exec         the program, by path, with the policy's environment; argv is a list, no shell.
+                 network namespace is shared: needs no_new_privs.
+10. descriptors  0/1/2 and extras placed, the rest close on exec.
+11. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
+                 only waits; the agent is pid 2, an ordinary process: its own session, no
+                 signal blocked.
+12. seccomp      in the agent alone, after the fork (a policy may refuse fork), last security
+                 step so the filter need not allow any of the above; the listener goes to the
+                 supervisor.
+13. rlimits      descriptors, address space and processes, which would have starved the setup or
+   (late)        the init, or counted it; then every limit read back.
+14. exec         the program, by path, with the policy's environment; argv is a list, no shell.
+
+Everything before the fork is done once, in the process that is already a copy of the
+supervisor, and the agent runs a few calls of Python between fork and exec, so that few of the
+supervisor's pages are copied twice.
 
 A failing step raises SetupError; `run_child` sends it to the supervisor as one fixed-size record
 on the status socket and exits 127.  Nothing here returns into the supervisor's code.
@@ -81,9 +89,6 @@ def enter(plan: Plan, status: socket.socket) -> None:
     """Child, just cloned into new namespaces, privileged there; returns only by raising."""
     namespaces.enter(plan.unprivileged, plan.uid, plan.gid, plan.hostname, plan.network)
     filesystem.enter(plan.filesystem)
-    agent = syscalls.clone(0)
-    if agent:
-        init.run(agent, status)
     capabilities.restrict(plan.last_cap)
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)
@@ -91,8 +96,12 @@ def enter(plan: Plan, status: socket.socket) -> None:
     session.enter()
     _no_new_privs()
     scope.enter(plan.network is not None)
-    listener = seccomp.enter(plan.seccomp)
-    descriptors.enter(plan.handed, listener, status)
+    descriptors.enter(plan.handed)
+    agent = syscalls.clone(0)
+    if agent:
+        init.run(agent, status)
+    session.agent()
+    seccomp.enter(plan.seccomp, status)
     rlimits.enter_late(plan.rlimits)
     try:
         os.execve(plan.program, list(plan.argv), plan.env)

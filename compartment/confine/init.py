@@ -2,29 +2,23 @@
 
 The kernel protects a pid namespace's first process from signals sent inside the namespace
 unless it handles them, so an agent running as pid 1 would survive its own kill(getpid(),
-SIGKILL) and go on to exit 0.  Instead the first process forks the agent right after the
-filesystem is built, then only waits: it reaps orphans, and when the agent ends it sends the
-agent's wait status to the supervisor as one fixed-size record and exits, which makes the kernel
-kill whatever the agent left behind.
+SIGKILL) and go on to exit 0.  Instead the first process, once confined, forks the agent and
+only waits: it reaps orphans, and when the agent ends it sends the agent's wait status to the
+supervisor as one fixed-size record and exits, which makes the kernel kill whatever the agent
+left behind.
 
-Child side, pid 1, before the ids change: it keeps its uid (root, or the caller's in a user
-namespace) but clears its capability sets and sets no_new_privs, and holds no descriptor but the
-status socket, so the agent can neither use nor borrow anything from it.  It never execs, so the
-bounding set and securebits, which only matter across exec, are left to the agent's own steps;
-those are on the agent's critical path, this is not.
+Child side, pid 1, after every confinement step but seccomp and the late limits, which are the
+agent's own: it has the agent's uid, no capabilities, and holds no descriptor but the status
+socket.  The agent cannot signal it (every signal blocked, default dispositions: the kernel
+drops what comes from inside the namespace), read or trace it (not dumpable; ptrace is
+refused), nor change its limits (the agent's filter allows prlimit64 on pid 0 only).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
-
-import prctl
-
-from compartment import syscalls
-from compartment.confine import session
 
 EXIT_RECORD = struct.Struct("8si")
 EXIT_TAG = b"exited"
@@ -35,19 +29,9 @@ def run(agent: int, status: socket.socket) -> None:
     keep = status.fileno()
     os.closerange(0, keep)
     os.closerange(keep + 1, 1 << 20)
-    syscalls.capset_empty()
-    prctl.set_no_new_privs(1)
-    # Not dumpable: in a user namespace the agent has our uid, and /proc/1/mem, environ and
-    # ptrace would otherwise let it read or write this copy of the supervisor's memory.
-    prctl.set_dumpable(0)
-    # Default dispositions (the supervisor's Python handlers are inherited): the kernel then
-    # drops every signal sent to a namespace's pid 1 from inside it, so the agent cannot kill
-    # its init and make its own end look like the runner's failure.
-    session.default_dispositions()
-    prctl.set_pdeathsig(signal.SIGKILL)  # the supervisor gone: the whole namespace goes
     while True:
         pid, wait_status = os.waitpid(-1, 0)
         if pid == agent:
             break
-    status.send(EXIT_RECORD.pack(EXIT_TAG, wait_status))
+    status.sendmsg([EXIT_RECORD.pack(EXIT_TAG, wait_status)])
     os._exit(0)

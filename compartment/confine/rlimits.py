@@ -1,10 +1,11 @@
 """Resource limits: CPU, address space, file size, descriptors, processes, no core dumps.
 
-Child side, unprivileged (lowering a limit needs no privilege).  Two of them would starve the
-setup itself — RLIMIT_NOFILE (the seccomp listener is a new descriptor) and RLIMIT_AS (the
-interpreter still allocates) — so `enter` sets the rest and `enter_late` sets those two just
-before exec, then reads every limit back.  RLIMIT_NPROC counts per uid and user namespace: with a
-pool uid or a new user namespace it bounds this compartment alone.
+Child side, unprivileged (lowering a limit needs no privilege).  Three of them are set by the
+agent itself between fork and exec (`enter_late`), then every limit is read back: RLIMIT_NOFILE
+(the seccomp listener is a new descriptor), RLIMIT_AS (the interpreter still allocates, and the
+init must not run short) and RLIMIT_NPROC (the fork of the agent would count against it).
+RLIMIT_NPROC counts per uid and user namespace: with a pool uid or a new user namespace it bounds
+this compartment alone, its init included, which the limit allows for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from compartment.confine.errors import SetupError, fail
 from compartment.policy import Limits
 
 STEP = "rlimits"
-_LATE = (resource.RLIMIT_NOFILE, resource.RLIMIT_AS)
+_LATE = (resource.RLIMIT_NOFILE, resource.RLIMIT_AS, resource.RLIMIT_NPROC)
 
 Rlimits = Sequence[tuple[int, int, int]]  # (resource, soft, hard)
 
@@ -26,7 +27,8 @@ def plan(limits: Limits) -> Rlimits:
     # later kills it for good.
     return ((resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
             (resource.RLIMIT_FSIZE, limits.file_bytes, limits.file_bytes),
-            (resource.RLIMIT_NPROC, limits.processes, limits.processes),
+            # The init has the agent's uid and counts as one of its processes.
+            (resource.RLIMIT_NPROC, limits.processes + 1, limits.processes + 1),
             (resource.RLIMIT_CORE, 0, 0),
             (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
             (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))

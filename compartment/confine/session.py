@@ -3,8 +3,15 @@
 Child side.  setsid() leaves the caller's terminal behind, so TIOCSTI has nothing to inject into.
 MTAs start pipe commands with signals ignored (Exim ignores SIGHUP, SIGINT, SIGUSR1, SIGTERM;
 Python itself ignores SIGPIPE and SIGXFSZ) and ignored dispositions survive exec, so each is
-reset; the signal mask too.  The parent-death signal is set here, after the uid change, because
-changing credentials clears it; as pid 1 of the namespace its death takes every agent process.
+reset.  The parent-death signal is set here, after the uid change, because changing credentials
+clears it; as pid 1 of the namespace its death takes every agent process.
+
+`enter` is the init's, before the fork: it also blocks every signal.  A handler the caller
+installed behind the signal module's back (faulthandler's, a C extension's) would otherwise let
+a signal from the agent, which has the init's uid, run it; blocked, such a signal stays pending
+and the kernel drops the rest (a namespace's pid 1 gets no default-action signal from inside).
+SIGKILL from the supervisor, or as the parent-death signal, cannot be blocked.  `agent` is the
+agent's, just forked: a session of its own, nothing blocked.
 """
 
 from __future__ import annotations
@@ -25,10 +32,16 @@ def enter() -> None:
     try:
         os.setsid()
         default_dispositions()
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, _signal.valid_signals())
         prctl.set_pdeathsig(signal.SIGKILL)
+        prctl.set_dumpable(0)
     except (OSError, ValueError) as err:
         raise fail(STEP, "setsid", err if isinstance(err, OSError) else 0, str(err)) from None
+
+
+def agent() -> None:
+    os.setsid()  # it cannot fail in a process just forked: it leads no group
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
 
 def default_dispositions() -> None:
