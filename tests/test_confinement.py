@@ -43,6 +43,10 @@ def test_network_namespace_has_only_loopback():
     assert interfaces == ["lo"]
 
 
+# Only root supervisors on Linux 6.12 or later share a network namespace between compartments.
+SHARED_NETWORK = pytest.mark.skipif(
+    syscalls.landlock_abi() < scope.MIN_ABI, reason="this kernel has no Landlock scopes (ABI < "
+    "6), so each compartment has a network namespace of its own")
 SCOPE_HOLDER = """import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.bind("\\0" + sys.argv[1]); s.listen(); s.settimeout(4)
@@ -62,9 +66,7 @@ for _ in range(60):
 """
 
 
-@pytest.mark.skipif(syscalls.landlock_abi() < scope.MIN_ABI, reason="this kernel has no "
-                    "Landlock scopes (ABI < 6), so each compartment has a network namespace "
-                    "of its own")
+@SHARED_NETWORK
 def test_scope_keeps_abstract_sockets_to_their_compartment():
     """Compartments of one root supervisor, here the two processes of a caller that forked,
     share one empty network namespace; each one's abstract sockets stay its own."""
@@ -86,8 +88,7 @@ def test_scope_keeps_abstract_sockets_to_their_compartment():
         assert (seeker.stdout, held.read()) == (b"EPERM\n", b"nobody came\n")
 
 
-@pytest.mark.skipif(syscalls.landlock_abi() < scope.MIN_ABI, reason="this kernel has no "
-                    "Landlock scopes (ABI < 6): no network namespace is shared")
+@SHARED_NETWORK
 def test_shared_network_survives_a_caller_closing_its_descriptor():
     """A daemon may close every descriptor after its first delivery, and the number of ours
     may then be another file's: the next run must not fail in setns."""
