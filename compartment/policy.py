@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from compartment import policies
 from compartment.policy_fields import (
     NAME_RE,
     Bad,
@@ -38,8 +37,12 @@ from compartment.policy_fields import (
     uid_spec,
 )
 
-# The shipped policies: package data of compartment.policies, wherever it was installed.
-_SHIPPED = policies.__path__[0]
+# The shipped policies: installed beside the package as compartment/policies/ (pyproject maps the
+# top-level policies/ there), or the source tree's policies/ for a checkout or an editable install.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SHIPPED = next((d for d in (os.path.join(_HERE, "policies"),
+                             os.path.join(os.path.dirname(_HERE), "policies"))
+                 if os.path.isdir(d)), os.path.join(_HERE, "policies"))
 
 
 class PolicyError(Exception):
