@@ -138,15 +138,20 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from compartment.policy import Policy, PolicyError
     from compartment.rootfs import PlanError, plan
+    from compartment.supervisor import ConfigError, close_all, open_named
     from compartment.syscall_filter import FilterError, compile_filter
 
+    opened: dict[str, int] = {}
     try:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
-        root = plan(policy.filesystem, program=None)
-    except (PolicyError, FilterError, PlanError) as err:
+        opened = open_named(policy)
+        root = plan(policy.filesystem, None, opened)
+    except (PolicyError, FilterError, PlanError, ConfigError) as err:
         print(f"compartment check: {err}", file=sys.stderr)
         return EX_CONFIG
+    finally:
+        close_all(opened)
     sys.stdout.write(policy.to_toml())
     print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
     print("# the agent's root on this machine (besides the program itself):")

@@ -114,7 +114,8 @@ def test_killed_by_a_signal_is_temporary():
 def test_missing_and_unexecutable_programs_are_configuration_errors(tmp_path):
     missing = run_agent(["/nonexistent/agent"])
     assert missing.result.outcome is Outcome.CONFIG_ERROR and missing.result.exit_status == 75
-    assert b"program /nonexistent/agent: No such file or directory" in missing.stderr
+    assert b"program /nonexistent/agent: /nonexistent: No such file or directory" in \
+        missing.stderr
     plain = tmp_path / "agent"
     plain.write_text("#!/bin/sh\n")
     not_exec = run_agent([str(plain)])
@@ -151,7 +152,8 @@ def test_report_line_has_every_field(tmp_path):
 def test_unwritable_report_does_not_change_the_outcome(tmp_path):
     ran = run_agent(["/bin/cat"], message=b"hi\n", report="/nonexistent/dir/report.jsonl")
     assert ran.result.outcome is Outcome.OK and ran.result.exit_status == 0
-    assert b"compartment: report /nonexistent/dir/report.jsonl: No such file" in ran.stderr
+    assert b"compartment: report /nonexistent/dir/report.jsonl: /nonexistent: No such file" \
+        in ran.stderr
 
 
 def test_uid_pool_gives_concurrent_compartments_distinct_uids():
