@@ -398,3 +398,41 @@ def test_seccomp_refuses_memory_outside_the_address_space_limit(code):
     ran = run_agent([PYTHON, "-I", "-c", code])
     assert ran.result.agent_status == 1
     assert b"OSError: [Errno 38]" in ran.stderr  # ENOSYS
+
+
+def test_seccomp_refuses_fallocate_that_reserves_blocks_beyond_the_size(tmp_path):
+    """FALLOC_FL_KEEP_SIZE reserves blocks without growing st_size, the one thing
+    RLIMIT_FSIZE bounds: a file of size 0 held 256 MiB of the mail directory's disk."""
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    ran = probe("reserve", f"{tmp_path}/reserved", policy="deliver",
+                overrides={"filesystem.writable": str(tmp_path),
+                           "exit.require_full_read": "false"})
+    assert ran.json() == {"errno": 95, "blocks": 0, "size": 0}, ran.stderr  # EOPNOTSUPP
+    assert (tmp_path / "reserved").stat().st_blocks == 0
+    # the same on a private copy of the message, which the agent may write
+    ran = probe("reserve", "-", message=b"a message\n", overrides={"message.stdin": "file"})
+    assert ran.json()["errno"] == 95 and ran.json()["size"] == 10
+    assert ran.json()["blocks"] * 512 < 1 << 20
+
+
+def test_fallocate_that_grows_the_file_meets_the_file_size_limit(tmp_path):
+    """Mode 0 (posix_fallocate) grows st_size, so limits.file_bytes applies to it."""
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    code = (f"import os; fd = os.open({str(tmp_path)!r} + '/grown', os.O_RDWR | os.O_CREAT); "
+            "os.posix_fallocate(fd, 0, 256 << 20)")
+    ran = run_agent([PYTHON, "-I", "-c", code], "deliver",
+                    overrides={"filesystem.writable": str(tmp_path), "limits.file_bytes": "1M",
+                               "exit.require_full_read": "false"})
+    assert b"OSError: [Errno 27]" in ran.stderr  # EFBIG (Python ignores SIGXFSZ)
+    assert (tmp_path / "grown").stat().st_blocks * 512 <= 1 << 20
+
+
+def test_allow_list_that_allows_fallocate_still_refuses_its_modes(static_reserve):
+    """An allow-list policy that names fallocate gets mode 0 only."""
+    overrides = {"seccomp.allow": "fallocate", "message.stdin": "file", "limits.file_bytes": "1M"}
+    ran = run_agent([static_reserve], "strict", b"message\n", overrides)
+    assert ran.stdout == b"95 0\n", ran.stderr  # KEEP_SIZE: EOPNOTSUPP; mode 0: done
+    assert run_agent([static_reserve], "strict", b"m\n",
+                     {"message.stdin": "file"}).result.denied_syscall == "fallocate"
