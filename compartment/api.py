@@ -55,7 +55,7 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     started = time.monotonic()
     watch: Watch | None = None
     try:
-        with message.handed(fds[0], policy.message.stdin, policy.message.max_bytes) as stdin:
+        with message.handed(fds, policy.message.stdin, policy.message.max_bytes) as stdin:
             watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
             result = _classify(watch, prepared, policy, argv, caller, agent)
     except (ConfigError, message.MessageError) as err:
