@@ -151,7 +151,9 @@ def _outcome(watch: Watch, policy: Policy,
                   Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
                   Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
                   Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
-        return watch.killed_for, reason, None, signum
+        if code is not None:  # the agent had finished; what it left running had not
+            reason += f" (the agent had exited {code}; a process it left was still running)"
+        return watch.killed_for, reason, code, signum
     if signum is not None:
         name = signal.Signals(signum).name
         if signum == signal.SIGSYS:

@@ -127,3 +127,11 @@ def test_file_mode_copy_is_memory_bounded_by_the_file_size_limit():
     ran = run_agent([PYTHON, "-I", "-c", PROBE, "grow", str(2 << 20)], message=MESSAGE,
                     overrides={"message.stdin": "file", "limits.file_bytes": "1M"})
     assert ran.json() == {"ok": False, "errno": 27}  # EFBIG
+
+
+def test_output_a_child_writes_after_the_agent_exited_is_kept_whole():
+    """The filter exits 0 and leaves the second half of the new message to a child: the run
+    is over when the compartment is empty, so the message is handed on whole, as unconfined."""
+    script = "cat > /tmp/m; head -c 10 /tmp/m; (sleep 0.3; tail -c +11 /tmp/m) & exit 0"
+    done = filt(["--", "/bin/sh", "-c", script])
+    assert (done.returncode, done.stdout) == (0, MESSAGE), done.stderr

@@ -311,3 +311,27 @@ def test_output_through_a_slow_pipe_arrives_whole():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == message
+
+
+def test_delivery_left_to_a_child_is_finished(tmp_path):
+    """An agent that exits 0 and leaves the write to a background child: delivered, as it would
+    be unconfined, not cut off by the end of the compartment."""
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 65534, 65534)
+    script = 'cat > /tmp/m; (sleep 0.3; cp /tmp/m "$0/delivered") >/dev/null 2>&1 & exit 0'
+    ran = run_agent(["/bin/sh", "-c", script, str(maildir)], "deliver", b"a message\n",
+                    {"filesystem.writable": str(maildir)})
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.OK, 0), ran.stderr
+    assert (maildir / "delivered").read_bytes() == b"a message\n"
+
+
+def test_child_still_busy_at_the_deadline_is_a_timeout():
+    """The agent exited 0, but its compartment was not done: never a success."""
+    script = "cat >/dev/null; sleep 60 </dev/null >/dev/null 2>&1 & exit 0"
+    ran = run_agent(["/bin/sh", "-c", script], message=b"m\n",
+                    overrides={"limits.wall_timeout_s": "0.5"})
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.TIMEOUT, 75)
+    assert ran.result.agent_status == 0
+    assert ran.stderr == (b"4.4.7 compartment: timed out after 0.5 s (the agent had exited 0; "
+                          b"a process it left was still running)\n")
