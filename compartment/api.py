@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from compartment import message
-from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
+from compartment.exits import (
+    Convention,
+    Outcome,
+    Verdict,
+    classify,
+    diagnostic_line,
+    runner_status,
+    translate,
+)
 from compartment.policy import Policy
 from compartment.report import Result, append
 from compartment.supervisor import ConfigError, Prepared, supervise
@@ -28,7 +36,6 @@ if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's st
     from typing import IO, TypeAlias
 
     Stream: TypeAlias = int | IO[bytes] | IO[str]
-UNREAD = "agent exited 0 without reading the whole message"
 
 
 class Interrupted(Exception):
@@ -51,7 +58,8 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             env: Mapping[str, str] | None, caller: Convention,
             agent_exit_codes: str | None = None) -> tuple[Result, bytes]:
     """One run without telling anyone: the Result and what the agent said on stderr."""
-    agent = Convention(agent_exit_codes or policy.exit.agent_codes)
+    named = agent_exit_codes or policy.exit.agent_codes
+    agent = caller if named == "caller" else Convention(named)
     started = time.monotonic()
     watch: Watch | None = None
     try:
@@ -111,12 +119,14 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
               caller: Convention, agent: Convention) -> Result:
     usage = watch.rusage or resource.struct_rusage((0.0,) * 16)
     cpu_s = usage.ru_utime + usage.ru_stime
-    outcome, reason, code, signum = _outcome(watch, policy, cpu_s)
+    outcome, reason, code, signum = _outcome(watch, policy, cpu_s, agent)
     stdin_fd, offset = prepared.stdin_fd, prepared.stdin_offset
     if outcome is Outcome.OK and policy.exit.require_full_read and \
             not _fully_read(stdin_fd, offset):
-        # Postfix and Exim would record the message as delivered: keep it instead.
-        outcome, reason = Outcome.AGENT_FAILED, UNREAD
+        # Every status that means delivered (0, a qmail agent's 99): the MTA would record the
+        # message as delivered, so it is kept instead.
+        outcome, reason = Outcome.AGENT_FAILED, f"agent exited {code} without reading the " \
+            "whole message"
         status = runner_status(caller)
     elif outcome in (Outcome.OK, Outcome.AGENT_FAILED):
         status = translate(code or 0, agent, caller)
@@ -132,9 +142,10 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
                   bytes_out=watch.bytes_out)
 
 
-def _outcome(watch: Watch, policy: Policy,
-             cpu_s: float) -> tuple[Outcome, str, int | None, int | None]:
-    """(outcome, reason, agent exit status, agent signal) from what the watch saw."""
+def _outcome(watch: Watch, policy: Policy, cpu_s: float,
+             agent: Convention) -> tuple[Outcome, str, int | None, int | None]:
+    """(outcome, reason, agent exit status, agent signal) from what the watch saw; `agent` is
+    the convention the agent's status speaks, which says what "delivered" is."""
     status = watch.wait_status if watch.agent_wait_status is None else watch.agent_wait_status
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -166,8 +177,8 @@ def _outcome(watch: Watch, policy: Policy,
             return (Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past "
                     f"{limits.file_bytes} bytes", None, signum)
         return Outcome.SIGNAL, f"killed by {name}", None, signum
-    if code == 0:
-        return Outcome.OK, "delivered", 0, None
+    if code is not None and classify(code, agent) is Verdict.SUCCESS:
+        return Outcome.OK, "delivered", code, None
     return Outcome.AGENT_FAILED, agent_reason(code), code, None
 
 

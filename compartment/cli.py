@@ -1,6 +1,7 @@
 """The compartment command: a thin layer over the Python API.
 
-    compartment run [-p POLICY] [--exit-codes sysexits|qmail] [--agent-exit-codes sysexits|qmail]
+    compartment run [-p POLICY] [--exit-codes sysexits|qmail]
+                    [--agent-exit-codes caller|sysexits|qmail]
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
     compartment check [-p POLICY] [--set KEY=VALUE]...
     compartment policies
@@ -62,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (run, filt):
         sub.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
                          help="the exit-status convention of the caller (default: sysexits)")
-        sub.add_argument("--agent-exit-codes", choices=("sysexits", "qmail"),
-                         help="the convention the agent speaks (default: the policy's)")
+        sub.add_argument("--agent-exit-codes", choices=("caller", "sysexits", "qmail"),
+                         help="the convention the agent speaks (default: the policy's "
+                         "exit.agent_codes, by default the caller's)")
         sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
         sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
     return top
