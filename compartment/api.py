@@ -63,6 +63,9 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     started = time.monotonic()
     watch: Watch | None = None
     try:
+        problem = unopened(fds)
+        if problem:
+            raise ConfigError(problem)
         with message.handed(fds, policy.message.stdin, policy.message.max_bytes) as stdin:
             watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
             result = _classify(watch, prepared, policy, argv, caller, agent)
@@ -75,6 +78,18 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
                          policy.name, argv, caller, started)
     return result, bytes(watch.diagnostics) if watch else b""
+
+
+def unopened(fds: tuple[int, int, int]) -> str:
+    """Why these cannot be the caller's descriptors, or "": a number that is not open would be
+    taken by the first pipe or spool of ours and mistaken for the caller's.  (The command
+    holds the caller's closed ones with placeholders; this is for the library's callers.)"""
+    for name, fd in zip(("stdin", "stdout", "stderr"), fds, strict=True):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError as err:
+            return f"{name} (descriptor {fd}): {err.strerror}"
+    return ""
 
 
 def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str],
@@ -162,7 +177,8 @@ def _outcome(watch: Watch, policy: Policy, cpu_s: float,
                   Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
                   Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
                   Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
-        if code is not None:  # the agent had finished; what it left running had not
+        if code is not None and watch.killed_for is Outcome.TIMEOUT:
+            # the agent had finished, and what it left running had not
             reason += f" (the agent had exited {code}; a process it left was still running)"
         return watch.killed_for, reason, code, signum
     if signum is not None:

@@ -150,8 +150,8 @@ class Exit:
 class Message:
     stdin: str = field(
         choice("direct", "memfd", "file"), "direct",
-        '"direct": the caller\'s descriptor as it is; "memfd": a sealed read-only copy '
-        '(seekable); "file": a private temporary copy the agent may edit')
+        '"direct": the caller\'s descriptor, read-only; "memfd": a sealed read-only copy '
+        '(seekable); "file": a private copy in memory the agent may edit')
     max_bytes: int = field(
         size, 1 << 30, "largest message copied for memfd, file or the filter's spool; larger "
         "is a temporary failure")
