@@ -98,7 +98,7 @@ def _seekable(fd: int, max_bytes: int) -> int:
         raise message.MessageError(f"stdin: {err.strerror}") from None
     if stat.S_ISREG(info.st_mode):  # the caller's own file: nothing to copy
         return message.reopen_read_only(fd)
-    return message.disk_spool(fd, max_bytes)
+    return message.spool_copy(fd, "disk", max_bytes)
 
 
 def _hand_on(fd: int, output: str | None, reinject: Sequence[str] | None, sendmail: str,

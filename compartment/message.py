@@ -115,9 +115,14 @@ def _shut_writing(fd: int) -> None:
 
 
 def spool_copy(fd: int, mode: str, max_bytes: int) -> int:
-    """Copy all of `fd` into a new memfd positioned at 0: sealed and read-only ("memfd"), or
-    writable ("file").  Both are memory, charged to whoever fills them."""
-    spool = os.memfd_create("message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    """Copy all of `fd` into a new spool positioned at 0: a memfd, sealed and read-only
+    ("memfd") or writable ("file"), memory charged to whoever fills it; or ("disk") an
+    unlinked file under /var/tmp for the supervisor's own keeping (the filter's original),
+    of which the agent is only ever shown a read-only open."""
+    if mode == "disk":
+        spool = os.open("/var/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    else:
+        spool = os.memfd_create("message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         copy(fd, spool, max_bytes)
         if mode != "memfd":
@@ -132,19 +137,6 @@ def spool_copy(fd: int, mode: str, max_bytes: int) -> int:
         raise
     os.close(spool)
     return read_only_spool
-
-
-def disk_spool(fd: int, max_bytes: int, tmpdir: str = "/var/tmp") -> int:
-    """Copy all of `fd` into an unlinked file under tmpdir, for the supervisor's own keeping
-    (the filter's original): the agent is only ever shown a read-only open of it."""
-    spool = os.open(tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        copy(fd, spool, max_bytes)
-        os.lseek(spool, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(spool)
-        raise
-    return spool
 
 
 def reopen_read_only(fd: int) -> int:
