@@ -6,8 +6,9 @@ copy_file_range) and never read into Python: the supervisor does not look at it.
 - "direct": the caller's descriptor, always as a read-only open file description (stdin is for
   reading: an agent must not write into the caller's terminal, file or socket through fd 0).
   One the caller opened read-only (a pipe from Postfix or Exim, qmail's queue file) is handed
-  as it is; a terminal, device, FIFO or file opened for writing too is opened again read-only;
-  a socket has its write direction shut down, or is copied when it is also stdout or stderr.
+  as it is; a terminal, device, FIFO or file opened for writing too is opened again read-only
+  (refused when this user may not); a socket has its write direction shut down, or is copied
+  when it is also stdout or stderr.
 - "memfd": a sealed, read-only memfd — seekable, and nothing can change it (qmail semantics for
   agents that read twice or mmap the message).
 - "file": a private writable memfd, for in-place editors.  Its growth is bounded by the agent's
@@ -61,16 +62,15 @@ def read_only(fds: tuple[int, int, int], max_bytes: int) -> Iterator[int]:
         return
     if access == os.O_WRONLY:
         raise MessageError("stdin is open for writing only: there is no message to read")
-    if stat.S_ISSOCK(info.st_mode) and not _shared(info, fds[1:]):
-        _shut_writing(fd)
-        yield fd
-        return
-    ours = None if stat.S_ISSOCK(info.st_mode) else _reopen(fd)
-    if ours is None:  # the socket is also stdout or stderr, or the kernel would not reopen it
-        ours = spool_copy(fd, "memfd", max_bytes)
-        regular = False
-    else:  # a file: start where the caller stands, and leave it where the agent stopped
-        regular = stat.S_ISREG(info.st_mode)
+    if stat.S_ISSOCK(info.st_mode):
+        if not _shared(info, fds[1:]):
+            _shut_writing(fd)
+            yield fd
+            return
+        # also stdout or stderr, which shutting it would cut: a sealed copy instead
+        ours, regular = spool_copy(fd, "memfd", max_bytes), False
+    else:  # a file starts where the caller stands and is left where the agent stopped
+        ours, regular = _reopen(fd), stat.S_ISREG(info.st_mode)
     try:
         if regular:
             os.lseek(ours, os.lseek(fd, 0, os.SEEK_CUR), os.SEEK_SET)
@@ -81,15 +81,17 @@ def read_only(fds: tuple[int, int, int], max_bytes: int) -> Iterator[int]:
         os.close(ours)
 
 
-def _reopen(fd: int) -> int | None:
-    """A new read-only open of what fd names; None when the kernel will not reopen it."""
+def _reopen(fd: int) -> int:
+    """A new read-only open of what fd names."""
     try:
         # O_NONBLOCK: a FIFO whose writer is gone must not block this open; O_NOCTTY: a
         # terminal must not become the supervisor's controlling one.
         ours = os.open(f"/proc/self/fd/{fd}",
                        os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None  # e.g. read permission lost since the caller opened it: copied instead
+    except OSError as err:  # e.g. a terminal of another user's, handed down: refused, since
+        # copying one would wait for an end that may never come
+        raise MessageError(f"stdin cannot be opened again read-only ({err.strerror}); give "
+                           "the message on a pipe or in a file") from None
     os.set_blocking(ours, True)
     return ours
 

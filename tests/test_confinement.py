@@ -546,3 +546,23 @@ def test_stdin_open_for_writing_only_is_no_message(tmp_path):
         os.close(fd)
     assert (result.outcome, result.exit_status) == (Outcome.CONFIG_ERROR, 75)
     assert result.reason == "stdin is open for writing only: there is no message to read"
+
+
+def test_stdin_a_terminal_the_caller_cannot_reopen_is_refused_not_hung():
+    """Another user's terminal handed down (su, sudo -u): it cannot be opened again
+    read-only, and copying it would wait for an end that may never come."""
+    controller, terminal = os.openpty()  # root's, mode 620: nobody may not open it
+    script = ("import sys; from compartment import Policy, run;"
+              "r = run(['/bin/cat'], Policy.load('filter'));"
+              "print(r.reason, file=sys.stderr); sys.exit(r.exit_status)")
+    venv_python = Path(__import__("compartment").__file__).parent.parent / ".venv/bin/python"
+    try:
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 str(venv_python), "-c", script], stdin=terminal,
+                                capture_output=True, cwd="/", timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert result.returncode == 75
+    assert result.stderr.endswith(b"stdin cannot be opened again read-only (Permission denied); "
+                                  b"give the message on a pipe or in a file\n")
