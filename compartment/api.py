@@ -140,8 +140,8 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
             not _fully_read(stdin_fd, offset):
         # Every status that means delivered (0, a qmail agent's 99): the MTA would record the
         # message as delivered, so it is kept instead.
-        outcome, reason = Outcome.AGENT_FAILED, f"agent exited {code} without reading the " \
-            "whole message"
+        outcome = Outcome.AGENT_FAILED
+        reason = f"agent exited {code} without reading the whole message"
         status = runner_status(caller)
     elif outcome in (Outcome.OK, Outcome.AGENT_FAILED):
         status = translate(code or 0, agent, caller)

@@ -10,7 +10,8 @@ Supervisor side, one thread, one poll() loop over descriptors only:
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
   A caller's stdout or stderr that cannot be written (closed when the command started, or
   opened read-only) gets no pipe: the agent is handed /dev/null opened read-only there, so
-  its writes fail with EBADF as they would unconfined.
+  its writes fail with EBADF as they would unconfined (and, unlike a closed number, no file
+  it opens lands there and takes what it meant for the caller).
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
 whole compartment is killed through the pidfd.
 """
