@@ -40,3 +40,4 @@ def run(agent: int, status: socket.socket) -> None:
             os._exit(0)
         if pid == agent:
             status.sendmsg([EXIT_RECORD.pack(EXIT_TAG, wait_status)])
+            agent = 0  # reported once: a later process given the same pid is not the agent
