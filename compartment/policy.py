@@ -139,21 +139,23 @@ class Descriptors:
 @dataclass(frozen=True)
 class Exit:
     agent_codes: str = field(
-        choice("sysexits", "qmail"), "sysexits",
-        "the convention the agent's own exit status speaks")
+        choice("caller", "sysexits", "qmail"), "caller",
+        'the convention the agent\'s own exit status speaks; "caller": the one the caller '
+        "speaks (--exit-codes), so the MTA reads the agent's verdicts as it would unconfined")
     violation: str = field(
         choice("temporary", "permanent"), "temporary",
         "what a seccomp violation is for the caller")
     require_full_read: bool = field(
-        boolean, False, "an agent that exits 0 without reading all of stdin fails temporarily")
+        boolean, False, "an agent that reports success (0, or a qmail agent's 99) without "
+        "reading all of stdin fails temporarily")
 
 
 @dataclass(frozen=True)
 class Message:
     stdin: str = field(
         choice("direct", "memfd", "file"), "direct",
-        '"direct": the caller\'s descriptor as it is; "memfd": a sealed read-only copy '
-        '(seekable); "file": a private temporary copy the agent may edit')
+        '"direct": the caller\'s descriptor, read-only; "memfd": a sealed read-only copy '
+        '(seekable); "file": a private copy in memory the agent may edit')
     max_bytes: int = field(
         size, 1 << 30, "largest message copied for memfd, file or the filter's spool; larger "
         "is a temporary failure")

@@ -74,7 +74,7 @@ _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 
                     0x02000000, 0x00000080)  # CLONE_NEW{NS,UTS,IPC,USER,PID,NET,CGROUP,TIME}
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
-_AF_UNIX, _ENOSYS = 1, 38
+_AF_UNIX, _ENOSYS, _EOPNOTSUPP = 1, 38, 95
 _S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
 _UNSUPPORTED = ("clone3", "openat2", "memfd_create", "memfd_secret", "shmget", "msgget",
                 "semget")
@@ -146,6 +146,8 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
                           "which no policy can allow")
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
     allowed.discard("prlimit64")  # only with pid 0: an argument rule, below
+    reserves = "fallocate" in allowed
+    allowed.discard("fallocate")  # mode 0 only: an argument rule, below
     flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
@@ -160,6 +162,7 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
                 raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
             # A group member this architecture does not have: nothing to filter.
     _add_argument_rules(pyseccomp, flt, network, spec.default == "kill")
+    _bound_fallocate(pyseccomp, flt, spec.default == "kill", reserves)
     with tempfile.TemporaryFile() as out:
         flt.export_bpf(out)
         out.seek(0)
@@ -204,6 +207,21 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
     # the address space RLIMIT_AS bounds: refused too, as not supported, which callers expect.
     for name in _UNSUPPORTED:
         flt.add_rule(ps.ERRNO(_ENOSYS), name)
+
+
+def _bound_fallocate(ps: Any, flt: Any, allow_list: bool, allowed: bool) -> None:
+    """fallocate(2) with a mode (FALLOC_FL_KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, COLLAPSE_RANGE,
+    INSERT_RANGE...) reserves or moves blocks without growing the file's size, which is all
+    RLIMIT_FSIZE looks at: one file of size 0 could hold the whole disk.  It fails as a
+    filesystem that cannot do it answers (EOPNOTSUPP); mode 0, posix_fallocate's, grows the
+    size and so meets limits.file_bytes.  The mode is an int: a value the kernel reads as 0
+    but with high bits set is refused too, which costs nothing.  Denied outright by the policy,
+    the unconditional rule added before wins (libseccomp keeps it)."""
+    if allow_list and not allowed:
+        return  # not allowed at all: the default stops every form
+    if allowed:
+        flt.add_rule(ps.ALLOW, "fallocate", ps.Arg(1, ps.EQ, 0))
+    flt.add_rule(ps.ERRNO(_EOPNOTSUPP), "fallocate", ps.Arg(1, ps.NE, 0))
 
 
 def _deny_set_id_modes(ps: Any, flt: Any) -> None:
