@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's st
     from typing import IO, TypeAlias
 
     Stream: TypeAlias = int | IO[bytes] | IO[str]
+    from compartment.learn.listener import Learner
 UNREAD = "agent exited 0 without reading the whole message"
 
 
@@ -49,14 +50,16 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
 
 def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             env: Mapping[str, str] | None, caller: Convention,
-            agent_exit_codes: str | None = None) -> tuple[Result, bytes]:
-    """One run without telling anyone: the Result and what the agent said on stderr."""
+            agent_exit_codes: str | None = None,
+            learner: Learner | None = None) -> tuple[Result, bytes]:
+    """One run without telling anyone: the Result and what the agent said on stderr.
+    `learner` is for `compartment learn` only (compartment.learn)."""
     agent = Convention(agent_exit_codes or policy.exit.agent_codes)
     started = time.monotonic()
     watch: Watch | None = None
     try:
         with message.handed(fds[0], policy.message.stdin, policy.message.max_bytes) as stdin:
-            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
+            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env, learner)
             result = _classify(watch, prepared, policy, argv, caller, agent)
     except (ConfigError, message.MessageError) as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
