@@ -51,6 +51,7 @@ class Evidence:
     limits_hit: dict[str, str] = field(default_factory=dict)  # limit key -> sample
     ended: dict[str, str] = field(default_factory=dict)  # sample -> how its run ended, if not ok
     unreadable: int = 0
+    paths_dropped: int = 0
 
 
 def gather(samples: Sequence[Sample]) -> Evidence:
@@ -75,6 +76,7 @@ def gather(samples: Sequence[Sample]) -> Evidence:
         ev.peak_vm_bytes = max(ev.peak_vm_bytes, seen.peak_vm_bytes)
         ev.descriptors = max(ev.descriptors, seen.descriptors)
         ev.unreadable += seen.unreadable
+        ev.paths_dropped += seen.paths_dropped
         ev.cpu_s = max(ev.cpu_s, result.cpu_s)
         ev.wall_s = max(ev.wall_s, result.wall_s)
         ev.bytes_out = max(ev.bytes_out, result.bytes_out)

@@ -47,6 +47,7 @@ from compartment.learn import bpf
 from compartment.policy import Network, Policy, Seccomp
 
 PATH_MAX = 4096
+MAX_PATHS = 50_000  # distinct paths recorded per sample
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _AT_FDCWD = -100
 _HEAD = struct.Struct("=QI")  # struct seccomp_notif: id, pid (then flags, seccomp_data)
@@ -99,6 +100,7 @@ class Observation:
     descriptors: int = 0  # the highest descriptor number seen, plus one
     execs: int = 0
     unreadable: int = 0  # notifications whose path could not be read (the task was gone)
+    paths_dropped: int = 0  # distinct paths past MAX_PATHS, not recorded
 
 
 class Learner:
@@ -156,7 +158,9 @@ class _Facts:
             seen.unreadable += 1
         write = _writes(name, self.agent_args)
         for path in self.paths or ():
-            if path not in seen.paths or (write and not seen.paths[path][1]):
+            if path not in seen.paths and len(seen.paths) >= MAX_PATHS:
+                seen.paths_dropped += 1  # a program naming paths without end: bounded memory
+            elif path not in seen.paths or (write and not seen.paths[path][1]):
                 seen.paths[path] = (name, write)  # the first use, or the first write
         seen.descriptors = max(seen.descriptors, self.descriptors)
         seen.peak_vm_bytes = max(seen.peak_vm_bytes, self.status.get("VmPeak", 0))
