@@ -59,11 +59,13 @@ def test_learning_a_hostile_agent_records_every_try_and_lets_none_out(base: str,
     canaries = {outside.canary_same.pid, outside.canary_root.pid, os.getpid()}
     left = survivors(str(outside.evidence), canaries)
     assert done.returncode == 0, done.stderr.decode()
+    # The sweep exits 0 only when every try was refused (13 when one worked).
+    assert b": ok (delivered)" in done.stderr, done.stderr.decode()
     assert traces == [] and left == [], (traces, left)
     flat = " ".join(line.lstrip("# ") for line in text.splitlines())
+    [walls] = [note for note in flat.split(" - ") if "no policy allows these" in note]
     for tried in BASELINE_TRIES:
-        assert f"{tried}" in flat and "no policy allows it" in flat, (tried, text)
-    assert "no policy allows it" in flat, text
+        assert tried in walls.split(" (sample ")[0], (tried, walls)
     evidence = str(outside.evidence)
     # The host's files it looked for: the unreadable one noted, the one it wanted to write noted,
     # neither proposed; the world-readable one proposed read-only, with the call that asked.
