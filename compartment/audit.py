@@ -13,6 +13,7 @@ and no policy reaches it.  The policy format cannot open the network today, so t
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 
 from compartment.policy import Limits, Policy
@@ -26,6 +27,7 @@ BROAD_DIRECTORIES = {"/", "/home", "/root", "/var", "/etc", "/srv", "/usr", "/tm
                      "/run", "/var/mail", "/var/spool", "/var/lib", "/var/cache", "/var/log",
                      "/var/tmp", "/usr/local"}
 _PROCESS_CALLS = {"fork", "vfork", "clone"}
+_SETTING_WIDTH = 48
 _RATINGS = ((1.0, "tight"), (2.0, "moderate"), (4.0, "exposed"), (math.inf, "unsafe"))
 # Limits compared with the defaults (limits.processes has a line of its own).
 _LIMITS = ("wall_timeout_s", "cpu_seconds", "memory_bytes", "file_bytes", "open_files",
@@ -67,10 +69,14 @@ class Audit:
                 "rating": self.rating, "lines": [asdict(line) for line in self.lines]}
 
     def table(self) -> str:
-        width = max(len(line.setting) for line in self.lines)
+        """One row per line; a long setting wraps within its column."""
+        width = min(_SETTING_WIDTH, max(len(line.setting) for line in self.lines))
         out = [f"{'AREA':13} {'SETTING':{width}} WEIGHT EXPOSURE  WHY"]
-        out += [f"{line.area:13} {line.setting:{width}} {line.weight:6.2f} {line.exposure:8.2f}"
-                f"  {line.reason}" for line in self.lines]
+        for line in self.lines:
+            setting = textwrap.wrap(line.setting, width, break_on_hyphens=False) or [""]
+            out.append(f"{line.area:13} {setting[0]:{width}} {line.weight:6.2f} "
+                       f"{line.exposure:8.2f}  {line.reason}")
+            out += [f"{'':13} {more}" for more in setting[1:]]
         out.append(f"exposure {self.score:.1f} of 10 ({self.rating}) for {self.source}")
         return "\n".join(out) + "\n"
 
