@@ -8,7 +8,7 @@ Administrator's tools, never on a delivery path and not part of the trusted core
 hands them their arguments before it builds the delivery parser, so their options cost a
 delivery nothing.  Exit statuses (sysexits.h, as `compartment check`): 0 done; 1 (audit
 --max-exposure) the exposure is above N; 64 a usage error; 78 the policy cannot be loaded, or
-the program cannot start; 70 learn failed on an error of its own.
+the program cannot start; 70 learn could not write its output; 130 learn was interrupted.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from compartment.learn import Sample
 
 EX_USAGE, EX_SOFTWARE, EX_CONFIG = 64, 70, 78
+EX_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 ABOVE_MAXIMUM = 1
 TOOLS = ("learn", "audit")
 
@@ -106,6 +107,9 @@ def _learn(options: argparse.Namespace, argv: Sequence[str]) -> int:
     except LearnError as err:
         print(f"compartment learn: {err}", file=sys.stderr)
         return EX_CONFIG
+    except KeyboardInterrupt:  # the compartment of the sample in progress is killed by now
+        print("compartment learn: interrupted, nothing written", file=sys.stderr)
+        return EX_INTERRUPTED
     for sample in learned.samples:
         _tell(sample)
     changes, notes = len(learned.proposal.changes), len(learned.proposal.notes)

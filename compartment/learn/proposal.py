@@ -203,7 +203,9 @@ def _caveats(p: Proposal, policy: Policy, ev: Evidence) -> None:
         p.notes.append(f"sample {sample} was stopped by limits.{key}: that limit stays the "
                        "base's; raise it in the base and learn again")
     if ev.unreadable:
-        p.notes.append(f"{ev.unreadable} calls' paths could not be read (their task was gone)")
+        p.notes.append(f"{ev.unreadable} calls' paths could not be read (the task was gone, "
+                       "or, unprivileged, its memory was closed to us before the program's "
+                       "own exec)")
     if ev.paths_dropped:
         p.notes.append(f"{ev.paths_dropped} paths past the first {MAX_PATHS} of a sample were "
                        "not recorded")
