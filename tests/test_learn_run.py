@@ -141,3 +141,14 @@ def test_learn_command_errors(argv, status, message):
 def test_learn_refuses_a_program_that_cannot_start(host: Path):
     with pytest.raises(LearnError, match="No such file"):
         learn(["/nonexistent/program"], "filter", [], [str(host / "sample.eml")])
+
+
+def test_a_sample_on_stdin_is_measured_like_a_file():
+    """No --sample: stdin is the sample, copied first so that its size is known (cat writes
+    the message back, so the output bound stays the base's)."""
+    done = subprocess.run([*CLI, "learn", "-p", "formail", "--", "/bin/cat"],
+                          input=b"Subject: on stdin\n\n" + b"x" * 5000, capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert b"sample stdin: ok (delivered)" in done.stderr and b"5020 bytes out" in done.stderr
+    assert b"the program writes the message back" in done.stdout

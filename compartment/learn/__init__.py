@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
+import sys
 import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,9 +105,13 @@ def run_samples(argv: Sequence[str], policy: Policy, samples: Sequence[str],
 
 @contextlib.contextmanager
 def _opened(sample: str) -> Iterator[int]:
-    """A sample's descriptor: the file opened read-only, or our own stdin ("-")."""
+    """A sample's descriptor: the file opened read-only, or a copy of our stdin ("-"), so that
+    its size is known (a program's output is compared with it)."""
     if sample == "-":
-        yield 0
+        with tempfile.TemporaryFile() as copy:
+            shutil.copyfileobj(sys.stdin.buffer, copy)
+            copy.seek(0)
+            yield copy.fileno()
         return
     fd = os.open(sample, os.O_RDONLY | os.O_CLOEXEC)
     try:
