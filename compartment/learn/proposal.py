@@ -145,7 +145,8 @@ def _limits(p: Proposal, ev: Evidence) -> None:
             value = _headroom(key, used)
             p.change("limits", key, _unit(key, value),
                      [f"learned: {_shown(key, used)} at most over the samples; "
-                      f"x{HEADROOM[key]}, and at least {_unit(key, FLOOR[key])}"])
+                      f"x{HEADROOM[key]}, and at least {_unit(key, FLOOR[key])}"
+                      f"{' s' if key in ('cpu_seconds', 'wall_timeout_s') else ''}"])
     _output_and_files(p, ev)
 
 
@@ -210,12 +211,14 @@ def _caveats(p: Proposal, policy: Policy, ev: Evidence) -> None:
         p.notes.append(f"{ev.paths_dropped} paths past the first {MAX_PATHS} of a sample were "
                        "not recorded")
     added = p.changes[("seccomp", "deny")].items if ("seccomp", "deny") in p.changes else {}
-    for names, what in ((PROCESS_DENY, "started a process"), (LINK_DENY, "made a link")):
+    for names, what, example in (
+            (PROCESS_DENY, "started a process", "a filter that runs a helper for one kind of "
+                                                "attachment"),
+            (LINK_DENY, "made a link", "ripmime links a part whose name is taken")):
         if any(name in added for name in names):
             p.notes.append(f"no sample {what}, so one is now a violation: a call taken only "
-                           "on an error path or for an unusual message was not seen (ripmime "
-                           "links a part whose name is taken), and such a message would be "
-                           "deferred")
+                           f"on an error path or for an unusual message was not seen ({example})"
+                           ", and such a message would be deferred")
     if policy.seccomp.default == "kill":
         p.notes.append("the allow-list holds only the calls these samples made: a call taken "
                        "only on an error path was not seen and would be a violation")
