@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's st
     from typing import IO, TypeAlias
 
     Stream: TypeAlias = int | IO[bytes] | IO[str]
+    from compartment.learn.listener import Learner
 
 
 class Interrupted(Exception):
@@ -56,8 +57,10 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
 
 def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             env: Mapping[str, str] | None, caller: Convention,
-            agent_exit_codes: str | None = None) -> tuple[Result, bytes]:
-    """One run without telling anyone: the Result and what the agent said on stderr."""
+            agent_exit_codes: str | None = None,
+            learner: Learner | None = None) -> tuple[Result, bytes]:
+    """One run without telling anyone: the Result and what the agent said on stderr.
+    `learner` is for `compartment learn` only (compartment.learn)."""
     named = agent_exit_codes or policy.exit.agent_codes
     agent = caller if named == "caller" else Convention(named)
     started = time.monotonic()
@@ -67,7 +70,7 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         if problem:
             raise ConfigError(problem)
         with message.handed(fds, policy.message.stdin, policy.message.max_bytes) as stdin:
-            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
+            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env, learner)
             result = _classify(watch, prepared, policy, argv, caller, agent)
     except (ConfigError, message.MessageError) as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)

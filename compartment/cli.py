@@ -5,6 +5,7 @@
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
     compartment check [-p POLICY] [--set KEY=VALUE]...
     compartment policies
+    compartment learn | audit ...     (the policy tools: compartment.policy_tools)
 
 `run` and `filter` are what an MTA executes, so every way out of them is a contract status:
 a usage error, a help request, a crash of ours, a stdout that cannot be written, descriptors
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     # bz2 and lzma) on every delivery.
     parser = functools.partial(_Parser, formatter_class=functools.partial(
         argparse.HelpFormatter, width=100))
-    top = parser(prog="compartment", description="Run a mail agent confined by the kernel.")
+    top = parser(prog="compartment", description="Run a mail agent confined by the kernel.",
+                 epilog="Policy tools: compartment learn --help, compartment audit --help.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=parser)
     run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
     filt = commands.add_parser("filter", help="run PROGRAM confined; its stdout is the new "
@@ -119,6 +121,10 @@ def command() -> NoReturn:
 def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()) -> int:
     """`closed`: which of descriptors 0, 1, 2 the caller left closed (now placeholders)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["learn"], ["audit"]):  # policy tools, with parsers of their own
+        from compartment.policy_tools import main as tool
+
+        return tool(args_list)
     try:
         args = _parser().parse_args(args_list)
     except UsageError as err:

@@ -16,11 +16,15 @@ import socket
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from compartment import paths, rootfs, syscall_filter, syscalls, uidpool
 from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, scope
 from compartment.policy import Policy
 from compartment.watch import Watch
+
+if TYPE_CHECKING:
+    from compartment.learn.listener import Learner
 
 
 class ConfigError(Exception):
@@ -148,10 +152,16 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
 
 
 def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
-              env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
+              env: Mapping[str, str] | None,
+              learner: Learner | None = None) -> tuple[Watch, Prepared]:
+    """One run; `learner` is `compartment learn`'s (its filter, its notification handler),
+    None on every delivery path."""
     prepared = prepare(argv, policy, fds, env)
+    if learner is not None:
+        prepared.plan = replace(prepared.plan, seccomp=learner.compiled.prepared)
     try:
-        watch = Watch(policy.limits, fds, prepared.compiled.names)
+        watch = Watch(policy.limits, fds, prepared.compiled.names,
+                      learner.notified if learner is not None else None)
         try:
             handed = [(0, fds[0]), *watch.agent_ends(),
                       *((fd, fd) for fd in policy.descriptors.pass_)]

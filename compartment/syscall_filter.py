@@ -133,7 +133,16 @@ def cache_key(spec: Seccomp, network: Network) -> str:
                        spec.allow, spec.deny, network.unix_sockets])
 
 
-def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
+def compile_learning_filter(spec: Seccomp, network: Network,
+                            watched: frozenset[str]) -> CompiledFilter:
+    """For `compartment learn` only (never on a delivery path, never cached): the policy's
+    filter, except that every syscall in `watched` also goes to the listener, whatever the
+    policy says of it, so that learn sees the paths and processes the program asks for."""
+    return _compile(spec, network, watched)
+
+
+def _compile(spec: Seccomp, network: Network,
+             watched: frozenset[str] = frozenset()) -> CompiledFilter:
     import tempfile
 
     import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
@@ -145,7 +154,7 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
         raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
                           "which no policy can allow")
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
-    allowed.discard("prlimit64")  # only with pid 0: an argument rule, below
+    allowed -= {"prlimit64", *watched}  # prlimit64 only with pid 0: an argument rule, below
     reserves = "fallocate" in allowed
     allowed.discard("fallocate")  # mode 0 only: an argument rule, below
     flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
@@ -153,7 +162,7 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
     flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
     explicit = set(expand(spec.allow + spec.deny))
     # In allow-list mode a denied name is simply not allowed: the default already notifies.
-    rules = allowed if spec.default == "kill" else denied
+    rules = allowed if spec.default == "kill" else denied | watched
     for name in sorted(rules):
         try:
             flt.add_rule(pyseccomp.ALLOW if name in allowed else notify, name)
@@ -161,7 +170,7 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
             if name in explicit:
                 raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
             # A group member this architecture does not have: nothing to filter.
-    _add_argument_rules(pyseccomp, flt, network, spec.default == "kill")
+    _add_argument_rules(pyseccomp, flt, network, spec.default == "kill", watched)
     _bound_fallocate(pyseccomp, flt, spec.default == "kill", reserves)
     with tempfile.TemporaryFile() as out:
         flt.export_bpf(out)
@@ -177,15 +186,19 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
     return CompiledFilter(bpf, names)
 
 
-def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -> None:
+def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool,
+                        watched: frozenset[str]) -> None:
     """Rules that look at arguments.  In allow-list mode the default already kills, so only
-    the permitted forms are added (libseccomp refuses a rule that repeats the default)."""
+    the permitted forms are added (libseccomp refuses a rule that repeats the default); a
+    watched syscall keeps the default (notify) in every form."""
     arg, notify, allow = ps.Arg, ps.NOTIFY, ps.ALLOW
     if allow_list:
         if network.unix_sockets:
-            flt.add_rule(allow, "socket", arg(0, ps.EQ, _AF_UNIX))
-            flt.add_rule(allow, "socketpair")
-        flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
+            for name, args in (("socket", [arg(0, ps.EQ, _AF_UNIX)]), ("socketpair", [])):
+                if name not in watched:
+                    flt.add_rule(allow, name, *args)
+        if "clone" not in watched:
+            flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
         flt.add_rule(allow, "prlimit64", arg(0, ps.EQ, 0))
         for request in _SAFE_IOCTLS:  # the kernel reads the request as 32 bits
             flt.add_rule(allow, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))

@@ -58,6 +58,13 @@ SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif), 80 bytes
 SECCOMP_NOTIF_SIZE = 80
+# For `compartment learn` only (its listener answers instead of killing; Linux 5.5 for CONTINUE):
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp), 24 bytes
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_RET_ACTION_FULL = 0xFFFF0000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 CLOSE_RANGE_CLOEXEC = 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)

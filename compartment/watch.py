@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from compartment import message, syscalls
 from compartment.confine.errors import RECORD, SetupError
@@ -43,8 +44,12 @@ _CHUNK = 1 << 20
 
 
 class Watch:
-    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
+    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
+                 learner: Callable[[int, bytes], None] | None = None) -> None:
         self.limits, self.names = limits, names
+        # `compartment learn` only (compartment.learn.listener): it records and answers each
+        # notification itself, and nothing is killed for one.  None on every delivery path.
+        self.learner = learner
         self.caller_out = fds[1]
         writable = _writable(fds[1]), _writable(fds[2])
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
@@ -153,6 +158,9 @@ class Watch:
         except OSError as err:
             # ENOENT: the task died before we read its notification; there may be others.
             return err.errno == errno.ENOENT
+        if self.learner is not None:
+            self.learner(self.listener, bytes(notification))
+            return True
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:
             self.denied_syscall = self.names.get(number, f"syscall {number}")
