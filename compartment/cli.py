@@ -211,21 +211,17 @@ def _run(args: argparse.Namespace, stdin_closed: bool) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from compartment.policy import Policy, PolicyError
-    from compartment.rootfs import PlanError, plan
-    from compartment.supervisor import ConfigError, close_all, open_named
+    from compartment.rootfs import PlanError
+    from compartment.supervisor import ConfigError, describe_root
     from compartment.syscall_filter import FilterError, compile_filter
 
-    opened: dict[str, int] = {}
     try:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
-        opened = open_named(policy)
-        root = plan(policy.filesystem, None, opened)
+        root = describe_root(policy)
     except (PolicyError, FilterError, PlanError, ConfigError) as err:
         say(f"compartment check: {err}\n")
         return EX_CONFIG
-    finally:
-        close_all(opened)
     print(policy.to_toml(), end="")
     print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
     print("# the agent's root on this machine (besides the program itself):")

@@ -102,6 +102,23 @@ def open_named(policy: Policy) -> dict[str, int]:
     return opened
 
 
+def describe_root(policy: Policy, program: str | None = None) -> rootfs.Plan:
+    """The root a run would get, for the tools that show or reason about it (check, learn):
+    every named path opened as a run opens it, then closed again (the plan keeps no
+    descriptor)."""
+    opened = open_named(policy)
+    try:
+        if program and program not in opened:
+            try:
+                opened[program] = paths.open_path(program, trusted=paths.trusted_owners())
+            except paths.PathError as err:
+                raise ConfigError(f"program {err}") from None
+        fs = rootfs.plan(policy.filesystem, program, opened)
+    finally:
+        close_all(opened)
+    return replace(fs, entries=tuple(replace(e, fd=-1) for e in fs.entries))
+
+
 def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
     """Close the descriptors of named paths (and their detached mounts); empties both."""
     for fd in [*opened.values(), *(trees or ())]:
