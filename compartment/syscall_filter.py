@@ -75,6 +75,7 @@ _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
 _AF_UNIX, _ENOSYS, _EOPNOTSUPP = 1, 38, 95
+_SOCKET_CALLS = frozenset({"socket", "socketpair"})
 _S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
 _UNSUPPORTED = ("clone3", "openat2", "memfd_create", "memfd_secret", "shmget", "msgget",
                 "semget")
@@ -155,6 +156,12 @@ def _compile(spec: Seccomp, network: Network,
                           "which no policy can allow")
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
     allowed -= {"prlimit64", *watched}  # prlimit64 only with pid 0: an argument rule, below
+    # Sockets are [network]'s to grant (AF_UNIX alone, by an argument rule below): a socket
+    # named in seccomp.allow must not bring every other family in with it.
+    named_sockets = allowed & _SOCKET_CALLS
+    if named_sockets:
+        raise FilterError(f"seccomp.allow: {sorted(named_sockets)[0]!r} is granted by "
+                          "network.unix_sockets (AF_UNIX only); no policy allows other families")
     reserves = "fallocate" in allowed
     allowed.discard("fallocate")  # mode 0 only: an argument rule, below
     flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
