@@ -1,0 +1,127 @@
+"""Start a front as a process of its own (tests/fronts/launch.py: as root, with the stand-in
+for the supervisor's client) and talk to it: a raw LMTP client that reads one reply per
+recipient after the dot, which smtplib does not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+LAUNCH = Path(__file__).parent / "launch.py"
+PYTHON = "/usr/bin/python3"  # the agents' interpreter: visible inside the filter/deliver view
+START_S = 30.0
+
+
+class Running:
+    """A front process, its socket and its log (stderr, --log stderr)."""
+
+    def __init__(self, front: str, socket_path: Path, options: Sequence[str],
+                 program: Sequence[str], log: Path) -> None:
+        self.socket_path, self.log_path = socket_path, log
+        argv = [sys.executable, str(LAUNCH), front, "--listen", f"unix:{socket_path}",
+                "--log", "stderr", *options, "--", *program]
+        with log.open("wb") as stderr:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + START_S
+        while not socket_path.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"the front exited {self.process.returncode}: {self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the front did not listen in {START_S} s: {self.log}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the front did not stop on SIGTERM: {self.log}") from None
+
+
+class Client:
+    """LMTP over a unix socket, line by line."""
+
+    def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(str(path))
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed by the server; had {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> list[str]:
+        """One reply, all its lines."""
+        lines = [self.line().decode()]
+        while lines[-1][3:4] == "-":
+            lines.append(self.line().decode())
+        return lines
+
+    def command(self, text: str) -> list[str]:
+        self.send(text.encode() + b"\r\n")
+        return self.reply()
+
+    def transaction(self, sender: str, recipients: Sequence[str], message: bytes
+                    ) -> tuple[list[str], list[str]]:
+        """(the RCPT replies, the replies after the dot: one per accepted recipient)."""
+        assert self.command(f"MAIL FROM:<{sender}>")[0].startswith("250")
+        rcpt = [self.command(f"RCPT TO:<{r}>")[0] for r in recipients]
+        accepted = sum(r.startswith("250") for r in rcpt)
+        if not accepted:
+            return rcpt, []
+        assert self.command("DATA")[0].startswith("354")
+        self.send(wire(message))
+        return rcpt, [self.reply()[0] for _ in range(accepted)]
+
+
+def wire(message: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, dots doubled, the final dot."""
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
+    return b"".join(line + b"\r\n" for line in stuffed) + b".\r\n"
+
+
+def maildir(root: Path, name: str, uid: int = 65534) -> Path:
+    """An empty Maildir owned by uid (deliver runs the agent as the Maildir's owner)."""
+    path = root / name / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    for directory in (path.parent, path, *(path / s for s in ("tmp", "new", "cur"))):
+        os.chown(directory, uid, uid)
+    return path
+
+
+def delivered(path: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((path / "new").iterdir())]
