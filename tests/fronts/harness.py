@@ -125,3 +125,44 @@ def maildir(root: Path, name: str, uid: int = 65534) -> Path:
 
 def delivered(path: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((path / "new").iterdir())]
+
+
+class MilterClient:
+    """The MTA's side of the milter protocol, packet by packet."""
+
+    def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(str(path))
+        self.buffer = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def packet(self) -> tuple[bytes, bytes]:
+        from compartment.milter_protocol import split_packets
+
+        while True:
+            found = split_packets(self.buffer)
+            if found:
+                code, data = found[0]
+                # put back whatever came after this one
+                rest = b"".join(len(d + c).to_bytes(4, "big") + c + d for c, d in found[1:])
+                self.buffer[:0] = rest
+                return code, data
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by the milter")
+            self.buffer += chunk
+
+    def until_final(self) -> list[tuple[bytes, bytes]]:
+        """Replies to the end of a message: modifications and progress, then the verdict."""
+        replies = []
+        while True:
+            code, data = self.packet()
+            replies.append((code, data))
+            if code in (b"a", b"c", b"r", b"t", b"y", b"d"):
+                return replies

@@ -1,0 +1,210 @@
+"""compartment milter, spoken to packet by packet as an MTA would, each filter run through the
+stand-in for the resident supervisor's client (tests/fronts/standin.py)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from compartment import milter_protocol as mp
+from compartment.milter_protocol import Command, encode_command
+
+from .harness import PYTHON, MilterClient, Running
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the stand-in for the supervisor "
+                                "runs compartment.run as root, as the resident supervisor does")
+
+ALL_ACTIONS, ALL_STEPS = 0x1FF, 0x1FFFFF
+HEADERS = [("Received", " from client.example (client.example [192.0.2.1])\n\tby mx"),
+           ("From", " a@example.org"), ("To", " b@example.test"), ("Subject", " hello")]
+BODY = b"line one\r\nline two\r\n"
+# What the filter sees on stdin: the headers as received, an empty line, the body, LF ends.
+SEEN = (b"Received: from client.example (client.example [192.0.2.1])\n\tby mx\n"
+        b"From: a@example.org\nTo: b@example.test\nSubject: hello\n\nline one\nline two\n")
+
+ADD_TOP = "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(b'X-Top: 1\\n' + d)"
+# spamassassin -L style: headers added at the end of the header section, body untouched.
+ADD_END = ("import sys; d = sys.stdin.buffer.read(); h, b = d.split(b'\\n\\n', 1); "
+           "sys.stdout.buffer.write(h + b'\\nX-Spam-Flag: NO\\nX-Spam-Score: 0.1\\n\\n' + b)")
+REWRITE = ("import sys; d = sys.stdin.buffer.read(); h, b = d.split(b'\\n\\n', 1); "
+           "h = h.replace(b'Subject: hello', b'Subject: [filtered] hello'); "
+           "sys.stdout.buffer.write(h + b'\\n\\n' + b.upper())")
+ECHO = "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"
+REJECT = ("import sys; sys.stdin.buffer.read(); print('5.7.1 spam, go away', file=sys.stderr);"
+          " sys.exit(77)")
+SLOW = "import time; time.sleep(30)"
+
+
+@pytest.fixture
+def where(tmp_path):
+    (tmp_path / "supervisor").write_text("")
+    return tmp_path
+
+
+def start(tmp_path, code, *options, supervisor="supervisor"):
+    return Running("milter", tmp_path / "milter.sock",
+                   ["--socket", str(tmp_path / supervisor), "--set", "limits.wall_timeout_s=5",
+                    *options], [PYTHON, "-c", code], tmp_path / "front.log")
+
+
+def conversation(front, headers=HEADERS, body=BODY, actions=ALL_ACTIONS, steps=ALL_STEPS):
+    """One message from negotiation to the end: (negotiated (actions, steps), final replies)."""
+    client = MilterClient(front.socket_path)
+    try:
+        client.send(encode_command(Command(mp.OPTIONS, numbers=(6, actions, steps))))
+        code, data = client.packet()
+        assert code == b"O"
+        _, agreed_actions, agreed_steps = struct.unpack("!III", data)
+        client.send(encode_command(Command(mp.MACRO, stage=b"C", macros={"j": "mx"})))
+        for command in (Command(mp.CONNECT, args=("client.example", "4", "25", "192.0.2.1")),
+                        Command(mp.HELO, args=("client.example",)),
+                        Command(mp.MAIL, args=("<a@example.org>", "SIZE=100")),
+                        Command(mp.RCPT, args=("<b@example.test>",))):
+            client.send(encode_command(command))
+        client.send(encode_command(Command(mp.MACRO, stage=b"E", macros={"i": "4QUEUEID"})))
+        for name, value in headers:
+            client.send(encode_command(Command(mp.HEADER, args=(name, value))))
+        client.send(encode_command(Command(mp.END_OF_HEADERS)))
+        client.send(encode_command(Command(mp.BODY, data=body)))
+        assert client.packet() == (b"c", b"")  # the body chunk
+        client.send(encode_command(Command(mp.END_OF_MESSAGE)))
+        return (agreed_actions, agreed_steps), client.until_final()
+    finally:
+        client.close()
+
+
+def test_negotiation_asks_for_what_it_needs_and_no_more(where):
+    front = start(where, ECHO, "--rewrite")
+    try:
+        (actions, steps), replies = conversation(front)
+    finally:
+        front.stop()
+    assert actions == mp.ADD_HEADERS | mp.CHANGE_HEADERS | mp.CHANGE_BODY
+    assert steps & mp.HEADER_LEADING_SPACE and steps & mp.NR_HEADER
+    assert not steps & mp.NO_HEADERS and not steps & mp.NO_BODY
+    assert replies == [(b"c", b"")]  # the filter changed nothing: no edit at all
+
+
+def test_without_rewrite_the_milter_asks_for_no_action(where):
+    front = start(where, ADD_TOP)
+    try:
+        (actions, _), replies = conversation(front)
+    finally:
+        front.stop()
+    assert actions == 0 and replies == [(b"c", b"")]
+
+
+def test_header_on_top_is_inserted_at_zero(where):
+    front = start(where, ADD_TOP, "--rewrite")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    assert replies == [(b"i", struct.pack("!I", 0) + b"X-Top\0 1\0"), (b"c", b"")]
+    assert "action=accept" in front.log and "4QUEUEID" in front.log
+
+
+def test_header_only_filter_adds_headers_without_a_body(where):
+    front = start(where, ADD_END, "--rewrite")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    assert replies == [(b"h", b"X-Spam-Flag\0 NO\0"), (b"h", b"X-Spam-Score\0 0.1\0"),
+                       (b"c", b"")]
+
+
+def test_changed_header_and_body(where):
+    front = start(where, REWRITE, "--rewrite")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    assert replies == [(b"m", struct.pack("!I", 1) + b"Subject\0 [filtered] hello\0"),
+                       (b"b", b"LINE ONE\r\nLINE TWO\r\n"), (b"c", b"")]
+
+
+def test_body_change_the_mta_did_not_allow_tempfails(where):
+    front = start(where, REWRITE, "--rewrite")
+    try:
+        _, replies = conversation(front, actions=mp.ADD_HEADERS | mp.CHANGE_HEADERS)
+    finally:
+        front.stop()
+    (code, data), = replies
+    assert code == b"y" and data.startswith(b"451 4.3.0 the filter changed the body")
+
+
+def test_the_filter_sees_headers_as_received_then_the_body(where):
+    (where / "out").mkdir()
+    os.chown(where / "out", 65534, 65534)
+    out = where / "out" / "seen"
+    code = f"import sys; open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())"
+    front = start(where, code, "-p", "deliver", "--set", f"filesystem.writable={out.parent}")
+    try:
+        conversation(front)
+    finally:
+        front.stop()
+    assert out.read_bytes() == SEEN
+
+
+def test_permanent_verdict_rejects_with_the_filters_words(where):
+    front = start(where, REJECT, "--rewrite")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    assert replies == [(b"y", b"550 5.7.1 spam, go away\0")]
+    assert "action=reject" in front.log
+
+
+def test_timeout_tempfails(where):
+    front = start(where, SLOW)
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    (code, data), = replies
+    assert code == b"y" and data.startswith(b"451 4.4.7 compartment: timed out after 5 s")
+
+
+def test_supervisor_down_tempfails(where):
+    front = start(where, ECHO, supervisor="no-such-socket")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    (code, data), = replies
+    assert code == b"y" and data.startswith(b"451 4.3.0 compartment: cannot reach the daemon")
+
+
+def test_on_failure_pass_lets_the_message_through_unchanged(where):
+    front = start(where, SLOW, "--rewrite", "--set", "filter.on_failure=pass")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    assert replies == [(b"c", b"")]
+    assert "action=pass-unfiltered" in front.log
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\0\0\0\0",                               # a packet of no bytes
+    b"\xff\xff\xff\xff",                       # a length past any limit
+    struct.pack("!I", 1) + b"Z",               # an unknown command
+    struct.pack("!I", 4) + b"L" + b"abc",      # a header without its NULs
+    struct.pack("!I", 5) + b"O" + b"\0\0\0\6",  # a short option negotiation
+])
+def test_malformed_packets_end_that_session_only(where, garbage):
+    front = start(where, ECHO)
+    try:
+        bad = MilterClient(front.socket_path)
+        bad.send(garbage)
+        with pytest.raises(ConnectionError):
+            bad.packet()
+        _, replies = conversation(front)  # the next connection is served as ever
+        assert replies == [(b"c", b"")]
+        assert "protocol error" in front.log
+    finally:
+        front.stop()
