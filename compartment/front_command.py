@@ -97,6 +97,9 @@ def parser(front: str) -> argparse.ArgumentParser:
         parser.add_argument("--recipients", default="passwd",
                             help="passwd (default: {home}/Maildir of a user with uid >= "
                             "--min-uid), passwd:TEMPLATE, or map:/PATH")
+        parser.add_argument("--recipient-delimiter", default="", metavar="CHARACTER",
+                            help="as Postfix's recipient_delimiter: alice+ext is alice's, "
+                            "with EXTENSION=ext")
         parser.add_argument("--min-uid", type=int, default=1000,
                             help="lowest uid a passwd recipient may have (default 1000)")
         parser.add_argument("--max-recipients", type=_positive, default=100,

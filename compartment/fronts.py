@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 DEFAULT_SUPERVISOR_SOCKET = "/run/compartment/socket"
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 REPLY_TEXT_BYTES = 200  # of the agent's first line, in a reply the MTA logs
-PLACEHOLDERS = ("local", "domain", "recipient", "sender", "mailbox")
+PLACEHOLDERS = ("local", "domain", "recipient", "sender", "extension", "mailbox")
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
 

@@ -6,10 +6,10 @@
 Unprivileged: the front's own system user (compartment-lmtp) speaks LMTP (RFC 2033) with
 aiosmtpd and asks the resident supervisor for one run per recipient after DATA, the message on
 stdin as a sealed memfd and the envelope in SENDER, RECIPIENT, LOCAL, DOMAIN, ORIGINAL_RECIPIENT
-(and USER for a passwd recipient), as qmail-local and Postfix local(8) set them.  PROGRAM's
-items and the --set values may hold placeholders ({local}, {domain}, {recipient}, {sender},
-{mailbox}; --set values only {mailbox}), each replaced inside its own argv item, never through
-a shell.
+(USER for a passwd recipient, EXTENSION for an address extension), as qmail-local and Postfix
+local(8) set them.  PROGRAM's items and the --set values may hold placeholders ({local},
+{domain}, {recipient}, {sender}, {extension}, {mailbox}; --set values only {mailbox}), each
+replaced inside its own argv item, never through a shell.
 
 What aiosmtpd does with the message: it gathers DATA as a list of lines (bytearrays) and joins
 them into one bytes object, which its smtp_DATA holds until our handler returns; past the SIZE
@@ -193,11 +193,13 @@ class Handler:
                        stdin: int) -> str:
         values = {"local": recipient.local, "domain": recipient.domain,
                   "recipient": recipient.address, "sender": sender,
-                  "mailbox": recipient.mailbox}
+                  "mailbox": recipient.mailbox, "extension": recipient.extension}
         env = {"SENDER": sender, "RECIPIENT": recipient.address, "LOCAL": recipient.local,
                "DOMAIN": recipient.domain, "ORIGINAL_RECIPIENT": original}
         if recipient.user:
             env["USER"] = recipient.user
+        if recipient.extension:
+            env["EXTENSION"] = recipient.extension
         started = time.monotonic()
         reply, result = await self.front.call(self._run, values, env, stdin)
         status = {Verdict.SUCCESS: "sent", Verdict.TEMPORARY: "deferred",
@@ -251,7 +253,7 @@ def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
             ) -> Callable[[socket.socket], Awaitable[None]]:
     """The daemon, from compartment lmtp's options (raises FrontError): a coroutine function
     serving a listening socket until SIGTERM."""
-    lookup = Lookup(options.recipients, options.min_uid)
+    lookup = Lookup(options.recipients, options.min_uid, options.recipient_delimiter)
     front = Front(log, options.max_sessions, options.max_runs, reload=lookup.reload,
                   drain_s=options.drain_timeout_s)
     limits = Limits(options.max_message_bytes, options.max_recipients,

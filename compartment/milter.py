@@ -273,8 +273,13 @@ class Connection:
         if kind == "add":
             return mp.add_header(name, value)
         if kind == "insert":
-            return mp.insert_header(index, name, value)
+            return mp.insert_header(index + self._unseen_headers(), name, value)
         return mp.change_header(index, name, value)
+
+    def _unseen_headers(self) -> int:
+        """Headers above the first one the milter saw that an insertion's index counts: Postfix
+        shows milters no Received header of its own but counts it (index 0 is above it)."""
+        return 1 if self.macros.get("v", "").startswith("Postfix") else 0
 
     def _decide(self, result: Result, reply: Reply, edits: list[bytes] | EditError
                 ) -> tuple[str, list[bytes]]:

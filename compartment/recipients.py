@@ -9,6 +9,9 @@ Unprivileged (the LMTP front's user).  Two kinds, named with `--recipients`:
                         address, or a local part alone for every domain.  Compared without
                         regard to case.  Read at start and on SIGHUP.
 
+With --recipient-delimiter (Postfix's recipient_delimiter, e.g. +), alice+lists@ is looked up as
+alice@ (an exact entry in a map wins), and "lists" is the recipient's extension.
+
 A mailbox is an absolute path of plain characters: it is handed to the supervisor as a --set
 value, where a comma would split it into a list.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from compartment.fronts import FrontError
 
@@ -28,20 +31,21 @@ _MAILBOX_RE = re.compile(r"/[A-Za-z0-9._+@/-]*")
 
 @dataclass(frozen=True)
 class Recipient:
-    address: str   # as the client sent it
+    address: str   # as the client sent it (with its extension)
     local: str
     domain: str
     mailbox: str
-    user: str = ""  # the passwd user, for a passwd lookup
+    user: str = ""       # the passwd user, for a passwd lookup
+    extension: str = ""  # after the recipient delimiter
 
 
 class Lookup:
-    def __init__(self, spec: str, min_uid: int = 1000) -> None:
+    def __init__(self, spec: str, min_uid: int = 1000, delimiter: str = "") -> None:
         kind, _, argument = spec.partition(":")
         if kind not in ("passwd", "map") or (kind == "map" and not argument.startswith("/")):
             raise FrontError(f"--recipients {spec}: expected passwd, passwd:TEMPLATE (with "
                              "{home} or {user}) or map:/PATH")
-        self.kind, self.min_uid = kind, min_uid
+        self.kind, self.min_uid, self.delimiter = kind, min_uid, delimiter
         self.template = argument or "{home}/Maildir"
         self.path = argument if kind == "map" else ""
         self.entries: dict[str, str] = {}
@@ -60,11 +64,20 @@ class Lookup:
             local, domain = address, ""
         if not local:
             return None
+        found = self._find(address, local, domain, "")
+        if found is None and self.delimiter and self.delimiter in local[1:]:
+            base, _, extension = local.partition(self.delimiter)
+            found = self._find(f"{base}@{domain}" if at else base, local, domain, extension)
+        return None if found is None else replace(found, address=address)
+
+    def _find(self, key: str, local: str, domain: str, extension: str) -> Recipient | None:
+        """`key` is the address looked up (its extension gone), `local` the whole local part."""
+        name = key.rpartition("@")[0] or key
         if self.kind == "map":
-            mailbox = self.entries.get(address.lower()) or self.entries.get(local.lower())
-            return Recipient(address, local, domain, mailbox) if mailbox else None
+            mailbox = self.entries.get(key.lower()) or self.entries.get(name.lower())
+            return Recipient(key, local, domain, mailbox, "", extension) if mailbox else None
         try:
-            entry = pwd.getpwnam(local)
+            entry = pwd.getpwnam(name)
         except KeyError:
             return None
         if entry.pw_uid < self.min_uid:
@@ -73,7 +86,7 @@ class Lookup:
         mailbox = os.path.normpath(mailbox)
         if not _MAILBOX_RE.fullmatch(mailbox):
             return None  # a home of odd characters: not ours to guess at
-        return Recipient(address, local, domain, mailbox, entry.pw_name)
+        return Recipient(key, local, domain, mailbox, entry.pw_name, extension)
 
 
 def read_map(path: str) -> dict[str, str]:

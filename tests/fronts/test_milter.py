@@ -49,7 +49,8 @@ def start(tmp_path, code, *options, supervisor="supervisor"):
                     *options], [PYTHON, "-c", code], tmp_path / "front.log")
 
 
-def conversation(front, headers=HEADERS, body=BODY, actions=ALL_ACTIONS, steps=ALL_STEPS):
+def conversation(front, headers=HEADERS, body=BODY, actions=ALL_ACTIONS, steps=ALL_STEPS,
+                 mta="Sendmail 8.17"):
     """One message from negotiation to the end: (negotiated (actions, steps), final replies)."""
     client = MilterClient(front.socket_path)
     try:
@@ -57,7 +58,7 @@ def conversation(front, headers=HEADERS, body=BODY, actions=ALL_ACTIONS, steps=A
         code, data = client.packet()
         assert code == b"O"
         _, agreed_actions, agreed_steps = struct.unpack("!III", data)
-        client.send(encode_command(Command(mp.MACRO, stage=b"C", macros={"j": "mx"})))
+        client.send(encode_command(Command(mp.MACRO, stage=b"C", macros={"j": "mx", "v": mta})))
         for command in (Command(mp.CONNECT, args=("client.example", "4", "25", "192.0.2.1")),
                         Command(mp.HELO, args=("client.example",)),
                         Command(mp.MAIL, args=("<a@example.org>", "SIZE=100")),
@@ -104,6 +105,15 @@ def test_header_on_top_is_inserted_at_zero(where):
         front.stop()
     assert replies == [(b"i", struct.pack("!I", 0) + b"X-Top\0 1\0"), (b"c", b"")]
     assert "action=accept" in front.log and "4QUEUEID" in front.log
+
+
+def test_under_postfix_an_insertion_counts_its_unseen_received_header(where):
+    front = start(where, ADD_TOP, "--rewrite")
+    try:
+        _, replies = conversation(front, mta="Postfix 3.7.11")
+    finally:
+        front.stop()
+    assert replies == [(b"i", struct.pack("!I", 1) + b"X-Top\0 1\0"), (b"c", b"")]
 
 
 def test_header_only_filter_adds_headers_without_a_body(where):
