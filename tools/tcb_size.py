@@ -22,6 +22,10 @@ LOADER = {"policy.py", "policy_fields.py", "syscall_filter.py", "rootfs.py"}
 # supervise's learner argument) are in the core's figure.
 TOOLS = {"audit.py", "policy_tools.py"}
 TOOL_DIRS = {"learn"}
+# The LMTP and milter fronts: unprivileged daemons, each under its own user, which parse the MTA's
+# protocol and hand every run to the resident supervisor through its client: counted apart.
+FRONTS = {"fronts.py", "front_command.py", "lmtp.py", "recipients.py", "milter.py",
+          "milter_protocol.py", "milter_edits.py"}
 
 
 def is_tool(path: Path) -> bool:
@@ -51,16 +55,19 @@ def shell_lines(path: Path) -> int:
 
 def main() -> int:
     files = sorted(ROOT.rglob("*.py"))
-    core = {f: code_lines(f) for f in files if f.name not in LOADER and not is_tool(f)}
+    core = {f: code_lines(f) for f in files
+            if f.name not in LOADER | FRONTS and not is_tool(f)}
     command = ROOT.parent / "bin" / "compartment"  # the shell in front of the CLI
     core[command] = shell_lines(command)
     loader = {f: code_lines(f) for f in files if f.name in LOADER}
     tools = {f: code_lines(f) for f in files if is_tool(f)}
-    for path, count in {**core, **loader, **tools}.items():
+    fronts = {f: code_lines(f) for f in files if f.name in FRONTS}
+    for path, count in {**core, **loader, **tools, **fronts}.items():
         print(f"{count:6d}  {path.relative_to(ROOT.parent)}")
     print(f"{sum(core.values()):6d}  trusted core (supervisor, confinement, CLI glue)")
     print(f"{sum(loader.values()):6d}  policy loader and its compilers (syscall filter, root plan)")
     print(f"{sum(tools.values()):6d}  policy tools (learn, audit): not on the delivery path")
+    print(f"{sum(fronts.values()):6d}  LMTP and milter fronts: unprivileged, each its own user")
     return 0
 
 
