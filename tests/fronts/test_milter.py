@@ -218,3 +218,20 @@ def test_malformed_packets_end_that_session_only(where, garbage):
         assert "protocol error" in front.log
     finally:
         front.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/spamassassin"),
+                    reason="SpamAssassin is not installed (apt-get install spamassassin)")
+def test_spamassassin_adds_its_headers_and_sends_no_body(where):
+    """The real header-only filter: spamassassin -L with report_safe 0, its shipped profile."""
+    front = Running("milter", where / "milter.sock",
+                    ["--socket", str(where / "supervisor"), "-p", "spamassassin", "--rewrite"],
+                    ["/usr/bin/spamassassin", "-L", "--cf=report_safe 0"], where / "front.log")
+    try:
+        _, replies = conversation(front)
+    finally:
+        front.stop()
+    codes = [code for code, _ in replies]
+    assert codes[-1] == b"c" and b"b" not in codes and b"m" not in codes, (replies, front.log)
+    added = [data.split(b"\0")[-3 if code == b"i" else 0] for code, data in replies[:-1]]
+    assert any(name.endswith(b"X-Spam-Status") for name in added), replies
