@@ -17,22 +17,39 @@ from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "descriptors"
+_FD_MAX = 0x7FFFFFFF
 
 
 def enter(handed: Sequence[tuple[int, int]]) -> None:
     """handed: (target, source) pairs; every other descriptor is closed by exec."""
     try:
-        floor = max(target for target, _ in handed) + 1
-        lifted = [(target, fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor))
-                  for target, source in handed]
-        for target, source in lifted:
-            os.dup2(source, target, inheritable=True)
+        floor = _place(handed)
         syscalls.close_range_cloexec(floor)
         targets = {target for target, _ in handed}
         for fd in set(range(floor)) - targets:
             _set_cloexec(fd)
     except OSError as err:
         raise fail(STEP, "dup2", err) from None
+
+
+def keep_only(handed: Sequence[tuple[int, int]]) -> None:
+    """The prison's (compartment.isolate): no exec will close the rest, so it is closed now.
+    handed must fill 0 up to its highest target without a gap."""
+    try:
+        os.closerange(_place(handed), _FD_MAX)  # one close_range(2)
+    except OSError as err:
+        raise fail(STEP, "dup2", err) from None
+
+
+def _place(handed: Sequence[tuple[int, int]]) -> int:
+    """Lift every source above the targets, then put each in place; returns the first number
+    above the targets."""
+    floor = max(target for target, _ in handed) + 1
+    lifted = [(target, fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor))
+              for target, source in handed]
+    for target, source in lifted:
+        os.dup2(source, target, inheritable=True)
+    return floor
 
 
 def _set_cloexec(fd: int) -> None:
