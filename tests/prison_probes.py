@@ -150,3 +150,9 @@ def facts(data: bytes) -> bytes:
         "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
         "pid": os.getpid(),
     }).encode()
+
+
+def lazy_import(data: bytes) -> bytes:
+    """An import the zygote has not done: the import system looks for the file."""
+    import colorsys  # noqa: F401 - imported by nothing else, so not in the zygote
+    return b"imported"
