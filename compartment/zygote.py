@@ -21,6 +21,7 @@ fields (an exception's type name and first line) go on to the caller, as text.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -42,11 +43,13 @@ from compartment.confine import (
     PRISON_ROOT,
     PRISON_STATUS,
     PrisonPlan,
+    capabilities,
     enter_prison,
     filesystem,
     namespaces,
     rlimits,
 )
+from compartment.confine.descriptors import INPUT_TAG
 from compartment.confine.errors import RECORD as SETUP_RECORD
 from compartment.confine.errors import SetupError
 from compartment.exits import Outcome
@@ -69,6 +72,7 @@ class Prison:
 
     func: Any
     limits: Limits
+    watch_limits: Limits  # the same, with room for the result record beside the output
     unprivileged: bool
     identity: tuple[str | int, str | int, tuple[int, int]]
     root: int  # the empty root's mount namespace
@@ -103,15 +107,17 @@ def _prepare(config: dict[str, Any]) -> Prison:
     unprivileged = os.geteuid() != 0
     _check_memory(limits.memory_bytes)
     namespaces.zygote(unprivileged, f"compartment-{os.urandom(4).hex()}.invalid")
+    last_cap = syscalls.cap_last_cap()
+    capabilities.restrict(last_cap)  # inherited by every prison: see confine.enter_prison
     root = _empty_root()
     compiled = CompiledFilter(bytes.fromhex(config["bpf"]),
                               {int(nr): name for nr, name in config["names"].items()})
     uid, gid, pool = config["identity"]
-    plan = PrisonPlan(unprivileged=unprivileged, uid=-1, gid=-1,
-                      last_cap=syscalls.cap_last_cap(),
+    plan = PrisonPlan(unprivileged=unprivileged, uid=-1, gid=-1, last_cap=last_cap,
                       rlimits=rlimits.prison(limits, PRISON_HELD), seccomp=compiled.prepared,
                       handed=())
-    return Prison(func, limits, unprivileged, (uid, gid, tuple(pool)), root, plan,
+    watch_limits = replace(limits, output_bytes=limits.output_bytes + RESULT.size)
+    return Prison(func, limits, watch_limits, unprivileged, (uid, gid, tuple(pool)), root, plan,
                   compiled.names)
 
 
@@ -171,30 +177,89 @@ def _empty_root() -> int:
         os.waitpid(pid, 0)
 
 
+@dataclass
+class Ready:
+    """A prison cloned ahead of its request, confined but for its input and seccomp."""
+
+    watch: Watch
+    lease: uidpool.Lease | None
+    discarded: bool = False
+
+    def discard(self) -> None:
+        if self.discarded:
+            return
+        self.discarded = True
+        self.watch.close()  # kills it if it is still there, and reaps it
+        if self.lease:
+            self.lease.release()  # after close(): the prison has been reaped
+
+
 def _serve(connection: socket.socket, prison: Prison) -> None:
+    """Calls in order.  Each prison is cloned ahead of its request, once the call before has
+    been answered: its setup overlaps the caller's turn.  (Cloning it while the call before
+    runs would overlap more, but costs more: every page the zygote writes while two copies of
+    it live is copied.)"""
+    ready = _try_ahead(prison)
     while True:
         data, fds, _, _ = socket.recv_fds(connection, REQUEST.size + 1, 2,
                                           socket.MSG_CMSG_CLOEXEC)
         if not data:
+            if ready:
+                ready.discard()
             return  # the caller closed its end: this zygote's work is over
         try:
-            reply = _answer(data, fds, prison)
+            reply = _answer(data, fds, prison, ready)
         finally:
             for fd in fds:
                 os.close(fd)
-        connection.send(reply)
+        connection.send(reply, socket.MSG_NOSIGNAL)
+        ready = _try_ahead(prison)
 
 
-def _answer(data: bytes, fds: list[int], prison: Prison) -> bytes:
+def _try_ahead(prison: Prison) -> Ready | None:
+    """A prison ahead, or None when one cannot be made now (the next request tries again,
+    and answers with the reason if it fails then too)."""
+    try:
+        return _ahead(prison)
+    except Exception:  # noqa: BLE001 - reported by the request that needs it
+        return None
+
+
+def _ahead(prison: Prison) -> Ready:
+    """Lease a uid, make the prison's pipes and clone it: it confines itself and waits."""
+    uid, gid, lease = _identity(prison)
+    watch = Watch(prison.watch_limits, (-1, -1, -1), prison.names)  # -1: set at the request
+    try:
+        status, theirs = socket.socketpair(socket.AF_UNIX,
+                                           socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        ends = dict(watch.agent_ends())
+        handed = ((PRISON_INPUT, 0), (PRISON_OUTPUT, ends[1]), (PRISON_RECORD, ends[2]),
+                  (PRISON_STATUS, theirs.fileno()), (PRISON_ROOT, prison.root))
+        try:
+            pid = _clone(replace(prison.plan, uid=uid, gid=gid, handed=handed), prison.func)
+        finally:
+            theirs.close()
+        watch.start(pid, status)
+    except BaseException:
+        Ready(watch, lease).discard()
+        raise
+    return Ready(watch, lease)
+
+
+def _answer(data: bytes, fds: list[int], prison: Prison, ready: Ready | None) -> bytes:
     sequence = 0
     try:
         tag, sequence = REQUEST.unpack(data)
         if tag.rstrip(b"\0") != b"call" or len(fds) != 2:
             raise ValueError(f"a request of {len(data)} bytes with {len(fds)} descriptors")
-        outcome, reason, watch, size = _call(prison, fds[0], fds[1])
+        ready = ready or _ahead(prison)
+        outcome, reason, size = _call(prison, ready, fds[0], fds[1])
     except Exception as err:  # noqa: BLE001 - the zygote's one catch-all: reported, it goes on
-        return REPLY.pack(b"reply", sequence, str(Outcome.INTERNAL_ERROR).encode(), 0, 0.0, 0.0,
-                          b"", f"zygote: {_line(err)}".encode()[:256])
+        if ready:
+            ready.discard()
+        return REPLY.pack(b"reply", sequence, str(Outcome.INTERNAL_ERROR).encode(), 0, 0.0,
+                          0.0, b"", f"zygote: {_line(err)}".encode()[:256])
+    watch = ready.watch
     usage = watch.rusage
     cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
     return REPLY.pack(b"reply", sequence, str(outcome).encode(), size, cpu_s,
@@ -202,33 +267,19 @@ def _answer(data: bytes, fds: list[int], prison: Prison) -> bytes:
                       reason.encode(errors="replace")[:256])
 
 
-def _call(prison: Prison, input_fd: int, output_fd: int) -> tuple[Outcome, str, Watch, int]:
-    uid, gid, lease = _identity(prison)
+def _call(prison: Prison, ready: Ready, input_fd: int,
+          output_fd: int) -> tuple[Outcome, str, int]:
+    """Hand the prepared prison its input and watch it to its end."""
+    watch = ready.watch
     try:
-        # Room for the result record beside the output, which is checked on its own below.
-        limits = replace(prison.limits, output_bytes=prison.limits.output_bytes + RESULT.size)
-        watch = Watch(limits, (input_fd, output_fd, -1), prison.names)  # -1: no stderr of ours
-        try:
-            status, theirs = socket.socketpair(socket.AF_UNIX,
-                                               socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            ends = dict(watch.agent_ends())
-            handed = ((PRISON_INPUT, input_fd), (PRISON_OUTPUT, ends[1]),
-                      (PRISON_RECORD, ends[2]), (PRISON_STATUS, theirs.fileno()),
-                      (PRISON_ROOT, prison.root))
-            plan = replace(prison.plan, uid=uid, gid=gid, handed=handed)
-            try:
-                pid = _clone(plan, prison.func)
-            finally:
-                theirs.close()
-            watch.start(pid, status)
-            watch.run()
-        finally:
-            watch.close()
+        watch.commit(output_fd)
+        with contextlib.suppress(OSError):  # it died before its request: the watch tells how
+            socket.send_fds(watch.status, [INPUT_TAG], [input_fd], socket.MSG_NOSIGNAL)
+        watch.run()
     finally:
-        if lease:
-            lease.release()  # after close(): the prison has been reaped
+        ready.discard()
     size = os.fstat(output_fd).st_size
-    return (*_classify(watch, size, prison.limits), watch, size)
+    return (*_classify(watch, size, prison.limits), size)
 
 
 def _identity(prison: Prison) -> tuple[int, int, uidpool.Lease | None]:

@@ -38,22 +38,27 @@ A failing step raises SetupError; `run_child` sends it to the supervisor as one 
 on the status socket and exits 127.  Nothing here returns into the supervisor's code.
 
 The prison (`enter_prison`, compartment.isolate): the same steps for a function run in the
-child's own interpreter, cloned from a zygote (compartment/zygote.py) instead of exec'd.  Its
-order, with what differs from the above:
+child's own interpreter, cloned from a zygote (compartment/zygote.py) instead of exec'd, and
+cloned ahead of its request: it takes every step that does not depend on the request, then
+waits for its input.  Its order, with what differs from the above:
 
 1. namespaces    only a pid namespace is new at the clone; network, ipc, uts (and the user
                  namespace, unprivileged) are the zygote's, made once at its start.
 2. descriptors   moved first, and closed rather than close-on-exec (there is no exec): the
                  zygote's own descriptors (its connection to the caller) leave at once, and
-                 the status socket is at its fixed number for every failure report.  0 input,
-                 1 output, 2 result record, 3 status socket, 4 the empty root (until step 3).
+                 the status socket is at its fixed number for every failure report.  0 /dev/null
+                 until the input comes, 1 output, 2 result record, 3 status socket, 4 the
+                 empty root (until step 3).
 3. filesystem    join the empty read-only root the zygote made once (no /tmp, no /dev), rather
                  than build one: a setns instead of a mount tree.
-4-9.             capabilities (restrict), credentials, capabilities (drop_all), rlimits,
+-  capabilities  inherited: the zygote emptied its bounding set and locked securebits once at
+   (restrict)    its start (they bind only what an exec could gain; the zygote never execs).
+4-8.             credentials, capabilities (drop_all: verifies the bounding set too), rlimits,
                  session, no_new_privs: as above.  rlimits: RLIMIT_FSIZE is 0.
 -  scope         none: the network namespace is not shared and no socket call is allowed.
 -  init          none: the prison never forks, and is pid 1 of its namespace (a signal it sends
                  itself is refused by the filter before the kernel could ignore it).
+9. input         the request: the input descriptor arrives on the status socket, put at 0.
 10. seccomp      the prison's allow-list (syscall_filter.PRISON), not the policy's filter.
 11. rlimits      RLIMIT_NOFILE 3 (the descriptors it holds), RLIMIT_NPROC 0, RLIMIT_AS; then
    (late)        the status socket is closed.
@@ -167,8 +172,8 @@ class PrisonPlan:
 
 def enter_prison(plan: PrisonPlan) -> None:
     """Child of the zygote, just cloned into a pid namespace of its own, privileged (root, or
-    in the zygote's user namespace); returns confined, the function not yet run.  A failing
-    step is reported to the zygote on the status socket, and the child exits."""
+    in the zygote's user namespace); returns confined with its input, the function not yet
+    run.  A failing step is reported to the zygote on the status socket, and the child exits."""
     try:
         descriptors.keep_only(plan.handed)
     except SetupError:
@@ -177,12 +182,12 @@ def enter_prison(plan: PrisonPlan) -> None:
     try:
         filesystem.join_empty_root(PRISON_ROOT)
         os.close(PRISON_ROOT)
-        capabilities.restrict(plan.last_cap)
         credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
         capabilities.drop_all(plan.last_cap)
         rlimits.enter(plan.rlimits)
         session.enter()
         _no_new_privs()
+        descriptors.receive(status, PRISON_INPUT)  # the request: everything above was ahead
         seccomp.enter(plan.seccomp, status)
         rlimits.enter_late(plan.rlimits)
     except SetupError as err:
