@@ -235,6 +235,26 @@ def test_a_dead_zygote_is_reported_and_replaced():
                                    "killed by SIGKILL, between calls"]
 
 
+def test_a_zygote_that_dies_during_a_call_fails_that_call_only():
+    with isolate(prison_probes.echo) as function:
+        first = function.zygote_pid
+        held_r, held_w = os.pipe()  # the call waits on its input while its zygote is killed
+        caught: list[BaseException] = []
+        caller = threading.Thread(target=lambda: caught.append(failure(function, held_r)))
+        caller.start()
+        time.sleep(0.3)
+        os.kill(first, signal.SIGKILL)
+        caller.join(10)
+        os.close(held_w)
+        os.close(held_r)
+        line = f"the zygote of prison_probes:echo (pid {first}) was killed by SIGKILL, during " \
+            "a call"
+        assert (caught[0].outcome, caught[0].reason) == \
+            (Outcome.INTERNAL_ERROR, line + "; the next call starts a new one")
+        assert function.deaths == [line]
+        assert function(b"again") == b"again"
+
+
 def test_a_zygote_that_does_not_answer_is_killed_and_replaced():
     with isolate(prison_probes.echo, wall_timeout_s=0.5) as function:
         stuck = function.zygote_pid
