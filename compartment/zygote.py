@@ -91,6 +91,9 @@ def main() -> NoReturn:
         _refuse(connection, str(err))
     except Exception as err:  # noqa: BLE001 - told to the caller, who raises it at isolate()
         _refuse(connection, f"zygote: {_line(err)}")
+    # What the zygote holds from now on is never collected: a collection would write to every
+    # object's header, and so copy every page shared with a prison (gc.freeze's own purpose).
+    gc.freeze()
     connection.send(HELLO.pack(b"ready", b""))
     _serve(connection, prison)
     os._exit(0)
@@ -236,7 +239,9 @@ def _ahead(prison: Prison) -> Ready:
         handed = ((PRISON_INPUT, 0), (PRISON_OUTPUT, ends[1]), (PRISON_RECORD, ends[2]),
                   (PRISON_STATUS, theirs.fileno()), (PRISON_ROOT, prison.root))
         try:
-            pid = _clone(replace(prison.plan, uid=uid, gid=gid, handed=handed), prison.func)
+            plan = prison.plan
+            pid = _clone(PrisonPlan(plan.unprivileged, uid, gid, plan.last_cap, plan.rlimits,
+                                    plan.seccomp, handed), prison.func)
         finally:
             theirs.close()
         watch.start(pid, status)
