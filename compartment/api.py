@@ -172,11 +172,14 @@ def signalled(signum: int, cpu_s: float, limits: Limits) -> tuple[Outcome, str]:
         return Outcome.CPU_LIMIT, f"used its {limits.cpu_seconds} s of CPU"
     if signum == signal.SIGXFSZ:
         return Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past {limits.file_bytes} bytes"
+    return Outcome.SIGNAL, f"killed by {signal_name(signum)}"
+
+
+def signal_name(signum: int) -> str:
     try:
-        name = signal.Signals(signum).name
+        return signal.Signals(signum).name
     except ValueError:  # a real-time signal other than SIGRTMIN and SIGRTMAX has no name
-        name = f"signal {signum}"
-    return Outcome.SIGNAL, f"killed by {name}"
+        return f"signal {signum}"
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:

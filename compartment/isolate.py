@@ -40,6 +40,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from compartment import message, syscalls
+from compartment.api import signal_name
 from compartment.exits import Failed, Outcome
 from compartment.policy import Policy, PolicyError
 from compartment.policy_fields import Bad
@@ -82,9 +83,8 @@ class Isolated:
         self._config = _config(reference, policy)
         self._env = dict(policy.environment.set)
         self._lock = _thread.allocate_lock()
-        self._zygote: _Zygote | None = None
         self._closed = False
-        self._zygote = _Zygote.start(self._config, self._env)
+        self._zygote: _Zygote | None = _Zygote.start(self._config, self._env)
         _LIVE.add(self)
 
     @property
@@ -161,7 +161,7 @@ class Isolated:
         """In a forked child: the zygote and the lock are the parent's."""
         self._lock = _thread.allocate_lock()
         if self._zygote:
-            self._zygote.forget()
+            self._zygote.abandon()
             self._zygote = None
 
 
@@ -180,6 +180,7 @@ class _Zygote:
         self.pid, self.connection = pid, connection
         self.pidfd = os.pidfd_open(pid)
         self.sequence = 0
+        self.ended = ""  # how it ended, once reaped
 
     @classmethod
     def start(cls, config: dict[str, Any], env: dict[str, str]) -> _Zygote:
@@ -205,7 +206,14 @@ class _Zygote:
         return zygote
 
     def hello(self) -> None:
-        data = self._answer(HELLO.size, START_TIMEOUT_S, "start")
+        try:
+            data = self._answer(HELLO.size, START_TIMEOUT_S, "start")
+        except _Stuck:
+            raise Failed(Outcome.CONFIG_ERROR, f"the zygote was not ready within "
+                         f"{START_TIMEOUT_S:g} s (importing the module?)") from None
+        except _Gone:
+            raise Failed(Outcome.CONFIG_ERROR, f"the zygote {self.reap()} before it was ready "
+                         "(its error is on stderr)") from None
         tag, reason = HELLO.unpack(data)
         if tag.rstrip(b"\0") != b"ready":
             raise Failed(Outcome.CONFIG_ERROR, _text(reason))
@@ -249,48 +257,47 @@ class _Zygote:
 
     def reap(self) -> str:
         """Wait for its end (killing it if it lingers past the margin); how it ended."""
-        self.connection.close()
-        if not _ready(self.pidfd, ANSWER_MARGIN_S):
-            self._signal_kill()
-            _ready(self.pidfd, None)
-        os.close(self.pidfd)
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            return "ended (reaped elsewhere: status unknown)"
-        if os.WIFSIGNALED(status):
-            return f"was killed by {_signal_name(os.WTERMSIG(status))}"
-        return f"exited with status {os.WEXITSTATUS(status)}"
+        if not self.ended:
+            self.connection.close()
+            if not _ready(self.pidfd, ANSWER_MARGIN_S):
+                self._signal_kill()
+                _ready(self.pidfd, None)
+            os.close(self.pidfd)
+            self.ended = _how_it_ended(self.pid)
+        return self.ended
 
     def _signal_kill(self) -> None:
+        if self.ended:
+            return
         try:
             syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return  # it has ended by itself: the reaping tells how
 
     def abandon(self) -> None:
+        """Close our end without waiting: the zygote exits (and stays a zombie until this
+        process ends).  In a forked child: close our copies; the zygote is the parent's."""
         self.connection.close()
         os.close(self.pidfd)
 
-    def forget(self) -> None:
-        """In a forked child: close our copies; the zygote is the parent's to use and reap."""
-        self.abandon()
-
 
 _CATCHABLE = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _how_it_ended(pid: int) -> str:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "ended (reaped elsewhere: status unknown)"
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal_name(os.WTERMSIG(status))}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def _ready(fd: int, timeout_s: float | None) -> bool:
     poller = select.poll()  # not select(): a busy caller's descriptors may be above 1023
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout_s is None else timeout_s * 1000))
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _file_actions(connection_fd: int) -> list[tuple[Any, ...]]:

@@ -80,18 +80,23 @@ PRISON: dict[str, str] = {
     "sendmsg": "the listener to the zygote, on the status socket (3) only, closed right after",
     "prlimit64": "the late limits, set and read back once the filter is loaded; pid 0 only",
     "brk": "memory: the C allocator's heap",
-    "mmap": "memory: CPython's arenas and large objects; never executable",
+    "mmap": "memory: CPython's arenas and large objects; anonymous, never executable",
     "munmap": "memory: giving them back",
     "mremap": "memory: a large buffer grown in place (bytearray +=, list growth)",
     "exit_group": "the end: os._exit",
 }
-_PROT_EXEC = 0x4
-# The arguments some are limited to: alternatives of (argument index, mask, value), each
-# allowing the call when argument & mask == value.
-_PRISON_ARGUMENTS: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "read": ((0, 0xFFFFFFFF, 0),), "write": ((0, 0xFFFFFFFF, 1), (0, 0xFFFFFFFF, 2)),
-    "sendmsg": ((0, 0xFFFFFFFF, 3),), "prlimit64": ((0, 0xFFFFFFFF, 0),),
-    "mmap": ((2, _PROT_EXEC, 0),),
+_PROT_EXEC, _MAP_ANONYMOUS = 0x4, 0x20
+# The arguments some are limited to: alternatives, each a list of (argument index, mask, value)
+# that must all hold (argument & mask == value).
+_WORD = 0xFFFFFFFF
+_PRISON_ARGUMENTS: dict[str, tuple[tuple[tuple[int, int, int], ...], ...]] = {
+    "read": (((0, _WORD, 0),),),
+    "write": (((0, _WORD, 1),), ((0, _WORD, 2),)),
+    "sendmsg": (((0, _WORD, 3),),),
+    "prlimit64": (((0, _WORD, 0),),),
+    # Anonymous memory only: a shared writable mapping of a descriptor the caller handed in
+    # read-write would write into the caller's file.
+    "mmap": (((2, _PROT_EXEC, 0), (3, _MAP_ANONYMOUS, _MAP_ANONYMOUS)),),
 }
 
 _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
@@ -165,9 +170,10 @@ def compile_prison(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> C
             if limited is None:
                 flt.add_rule(pyseccomp.ALLOW, name)
                 continue
-            for index, mask, value in limited:
+            for conditions in limited:
                 flt.add_rule(pyseccomp.ALLOW, name,
-                             pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value))
+                             *(pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
+                               for index, mask, value in conditions))
         except (OSError, ValueError, RuntimeError) as err:
             raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
     return _export(pyseccomp, flt)

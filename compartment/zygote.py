@@ -378,10 +378,11 @@ def _classify(watch: Watch, size: int, limits: Limits) -> tuple[Outcome, str]:
     if size > limits.output_bytes:  # within the record's room, which was not its to use
         return Outcome.OUTPUT_LIMIT, f"wrote more than {limits.output_bytes} bytes of output"
     if tag.rstrip(b"\0") == b"raise" and code == RAISED:
-        said = f"{_printable(name)}: {_printable(line)}".rstrip(": ")
-        memory = _printable(name) == "MemoryError"
-        return (Outcome.MEMORY_LIMIT if memory else Outcome.AGENT_FAILED,
-                said + (f" (limits.memory_bytes is {limits.memory_bytes})" if memory else ""))
+        kind, first = _printable(name), _printable(line)
+        said = f"{kind}: {first}" if first else kind
+        if kind == "MemoryError":  # the function's claim: a memory-limit, still temporary
+            return Outcome.MEMORY_LIMIT, f"{said} (limits.memory_bytes is {limits.memory_bytes})"
+        return Outcome.AGENT_FAILED, said
     return (Outcome.AGENT_FAILED, f"the function's process exited with status {code} and a "
             f"result record that does not match its output ({size} bytes)")
 

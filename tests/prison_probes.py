@@ -7,6 +7,7 @@ violation naming the syscall, or the kernel's errno under a relaxed filter), nev
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -15,6 +16,10 @@ import resource
 import socket
 import sys
 
+# Bound at import, in the zygote: inside the prison it is a raw syscall, as an exploit makes it.
+_mmap = ctypes.CDLL(None, use_errno=True).mmap
+_mmap.restype, _mmap.argtypes = ctypes.c_void_p, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                  ctypes.c_int, ctypes.c_int, ctypes.c_long)
 SECRET = b"the module's own value"  # the caller changes its copy; the prison must not see it
 calls = 0
 
@@ -64,6 +69,19 @@ def read_caller_memory(data: bytes) -> bytes:
 
 def read_descriptor(data: bytes) -> bytes:
     return os.read(3, 100)  # the lowest number above the prison's own three
+
+
+def write_through_mapping(data: bytes) -> bytes:
+    """A shared writable mapping of descriptor 0, which the caller opened read-write."""
+    address = _mmap(None, 4096, 0x1 | 0x2, 0x01, 0, 0)  # PROT_READ|WRITE, MAP_SHARED
+    ctypes.memmove(address, b"overwritten", 11)
+    return b"wrote"
+
+
+def map_executable(data: bytes) -> bytes:
+    """Executable memory, which shellcode would need."""
+    _mmap(None, 4096, 0x1 | 0x4, 0x02 | 0x20, -1, 0)  # PROT_READ|EXEC, MAP_PRIVATE|ANONYMOUS
+    return b"mapped"
 
 
 def kill_self(data: bytes) -> bytes:

@@ -84,13 +84,23 @@ def test_the_callers_memory_and_environment_stay_out(monkeypatch):
 @pytest.mark.parametrize(("probe", "syscall"), [
     ("open_file", "openat"), ("make_socket", "socket"), ("fork", "clone"),
     ("execute", "execve"), ("read_caller_memory", "openat"), ("read_descriptor", "read"),
-    ("kill_self", "getpid"),
+    ("kill_self", "getpid"), ("map_executable", "mmap"),
 ])
 def test_forbidden_calls_are_violations(probe, syscall):
     with isolate(getattr(prison_probes, probe)) as function:
         failed = failure(function, str(os.getpid()).encode())
         assert (failed.outcome, failed.denied_syscall) == (Outcome.VIOLATION, syscall), failed
         assert failed.reason == f"seccomp violation: {syscall} is not allowed"
+
+
+def test_a_read_write_input_cannot_be_written_through_a_mapping(tmp_path):
+    message = tmp_path / "message"
+    message.write_bytes(b"the original message")
+    with isolate(prison_probes.write_through_mapping) as function, \
+            open(message, "r+b") as read_write:
+        failed = failure(function, read_write)
+    assert (failed.outcome, failed.denied_syscall) == (Outcome.VIOLATION, "mmap")
+    assert message.read_bytes() == b"the original message"
 
 
 def test_behind_the_filter_only_three_descriptors_are_open():
@@ -201,6 +211,8 @@ def test_what_the_zygote_cannot_find_by_name_is_refused():
     assert caught.value.outcome is Outcome.CONFIG_ERROR
     with pytest.raises(Failed, match="prison_probes:SECRET is not a function"):
         isolate("prison_probes:SECRET")
+    with pytest.raises(Failed, match="the zygote exited with status 3 before it was ready"):
+        isolate("exits_at_import:function")
 
 
 def test_a_policy_that_is_not_a_prison_is_refused():
