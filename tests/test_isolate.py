@@ -91,6 +91,7 @@ def test_forbidden_calls_are_violations(probe, syscall):
         failed = failure(function, str(os.getpid()).encode())
         assert (failed.outcome, failed.denied_syscall) == (Outcome.VIOLATION, syscall), failed
         assert failed.reason == f"seccomp violation: {syscall} is not allowed"
+        assert failure(function, b"1").denied_syscall == syscall  # the next call is served
 
 
 def test_a_read_write_input_cannot_be_written_through_a_mapping(tmp_path):
@@ -236,15 +237,18 @@ def test_close_stops_the_zygote_and_later_calls_are_refused():
         function(b"a")
 
 
-def test_a_dead_zygote_is_reported_and_replaced():
+def test_a_dead_zygote_is_reported_and_replaced(caplog):
     with isolate(prison_probes.echo) as function:
         first = function.zygote_pid
         os.kill(first, signal.SIGKILL)
         time.sleep(0.1)
         assert function(b"again") == b"again"
         assert function.zygote_pid != first
-        assert function.deaths == [f"the zygote of prison_probes:echo (pid {first}) was "
-                                   "killed by SIGKILL, between calls"]
+        line = f"the zygote of prison_probes:echo (pid {first}) was killed by SIGKILL, " \
+            "between calls"
+        assert function.deaths == [line]
+        assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == \
+            [("compartment.isolate", "WARNING", line)]
 
 
 def test_a_zygote_that_dies_during_a_call_fails_that_call_only():
@@ -330,12 +334,13 @@ def test_ten_thousand_calls_leak_nothing(echo):
     for _ in range(500):  # the allocators' pools settle first
         assert echo(message) == message
     caller_fds, zygote_fds = _fd_count(), _fd_count(echo.zygote_pid)
-    caller_threads = threading.active_count()
+    caller_threads, caller_children = threading.active_count(), children_of(os.getpid())
     zygote_rss = _rss_kib(echo.zygote_pid)
     for _ in range(10_000):
         assert echo(message) == message
     assert (_fd_count(), _fd_count(echo.zygote_pid)) == (caller_fds, zygote_fds)
     assert threading.active_count() == caller_threads
+    assert children_of(os.getpid()) == caller_children
     assert len(children_of(echo.zygote_pid)) <= 1  # the one ready for the next call, no more
     assert _rss_kib(echo.zygote_pid) - zygote_rss < 1024
     assert echo.deaths == []
