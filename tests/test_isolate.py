@@ -324,6 +324,16 @@ def _fd_count(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _zygote_fds(function) -> int:
+    """The zygote's descriptors once it waits for a call, its next prison cloned."""
+    ready_prison(function)
+    counts = [-1, _fd_count(function.zygote_pid)]
+    while counts[-1] != counts[-2]:
+        time.sleep(0.05)
+        counts.append(_fd_count(function.zygote_pid))
+    return counts[-1]
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
@@ -333,12 +343,12 @@ def test_ten_thousand_calls_leak_nothing(echo):
     message = b"x" * 1024
     for _ in range(500):  # the allocators' pools settle first
         assert echo(message) == message
-    caller_fds, zygote_fds = _fd_count(), _fd_count(echo.zygote_pid)
+    caller_fds, zygote_fds = _fd_count(), _zygote_fds(echo)
     caller_threads, caller_children = threading.active_count(), children_of(os.getpid())
     zygote_rss = _rss_kib(echo.zygote_pid)
     for _ in range(10_000):
         assert echo(message) == message
-    assert (_fd_count(), _fd_count(echo.zygote_pid)) == (caller_fds, zygote_fds)
+    assert (_fd_count(), _zygote_fds(echo)) == (caller_fds, zygote_fds)
     assert threading.active_count() == caller_threads
     assert children_of(os.getpid()) == caller_children
     assert len(children_of(echo.zygote_pid)) <= 1  # the one ready for the next call, no more
