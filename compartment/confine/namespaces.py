@@ -95,7 +95,9 @@ def zygote(unprivileged: bool, hostname: str) -> None:
     try:
         syscalls.unshare(flags | (syscalls.CLONE_NEWUSER if unprivileged else 0))
     except OSError as err:
-        raise fail(STEP, "unshare", err, "the zygote's namespaces") from None
+        hint = " (user namespaces disabled? user.max_user_namespaces; no unconfined run " \
+            "instead)" if unprivileged else ""
+        raise fail(STEP, "unshare", err, "the zygote's namespaces" + hint) from None
     if unprivileged:
         _map_own_ids(uid, gid)
     _set_hostname(hostname)
