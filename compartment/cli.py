@@ -4,7 +4,7 @@
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
     compartment check [-p POLICY] [--set KEY=VALUE]...
     compartment policies
-    compartment pyfilter [RUN OPTIONS] [--output PATH | --reinject ...] MODULE:FUNCTION
+    compartment pyfilter [RUN OPTIONS] [--output PATH | --reinject ...] [--] MODULE:FUNCTION
 
 `run` is what an MTA executes, so even a usage error must not exit 2 (Postfix would bounce the
 message): every failure of the command line itself is a temporary failure in the caller's

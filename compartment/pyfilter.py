@@ -2,7 +2,7 @@
 
     compartment pyfilter [-p strict] [--set KEY=VALUE]... [--output PATH | --reinject SENDER
                          RECIPIENT...] [--exit-codes sysexits|qmail] [--report PATH]
-                         MODULE:FUNCTION
+                         [--] MODULE:FUNCTION
 
 The message on stdin goes to FUNCTION(message: bytes) -> bytes, run by compartment.isolate in a
 prison; the bytes it returns are the new message, handed on as `compartment filter` hands on a

@@ -97,6 +97,19 @@ def test_pyfilter_output_file_is_whole_or_absent(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_pyfilter_reinjects_with_an_argv_list(tmp_path):
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\n"
+                        f"cat > {tmp_path}/stdin\n")
+    sendmail.chmod(0o755)
+    done = pyfilter(["--reinject", "a@example.org", "b@example.net", "--sendmail",
+                     str(sendmail), "--", STRIP])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "-G", "-i", "-f", "a@example.org", "--", "b@example.net"]
+    assert parse((tmp_path / "stdin").read_bytes())["X-Attachments-Removed"] == "1"
+
+
 @pytest.mark.parametrize(("args", "status", "line"), [
     (["examples.python.no_such:strip"], 75, b"4.3.5 compartment: the zygote cannot import "),
     (["--exit-codes", "qmail", "examples.python.no_such:strip"], 111,
