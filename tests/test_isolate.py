@@ -370,11 +370,14 @@ for probe in ("open_file", "make_socket", "fork", "execute", "read_descriptor"):
             function(b"")
     except Failed as failed:
         said[probe] = [failed.outcome, failed.denied_syscall]
-with isolate(prison_probes.allocate, memory_bytes="128M") as function:
-    try:
-        function(b"")
-    except Failed as failed:
-        said["allocate"] = failed.outcome
+for probe, limits in (("allocate", {"memory_bytes": "128M"}), ("loop", {"wall_timeout_s": 1}),
+                      ("raise_value_error", {})):
+    with isolate(getattr(prison_probes, probe), **limits) as function:
+        for _ in range(2):  # the second call is served as the first
+            try:
+                function(b"")
+            except Failed as failed:
+                said.setdefault(probe, []).append([failed.outcome, failed.reason])
 allowed = Policy.load("strict", {"seccomp.allow": "openat,newfstatat,mkdir,dup,getresuid,"
                                  "getresgid,getpid,fcntl"})
 with isolate(prison_probes.facts, allowed) as facts:
@@ -397,7 +400,9 @@ def test_unprivileged_as_nobody():
     assert said["fork"] == ["violation", "clone"]
     assert said["execute"] == ["violation", "execve"]
     assert said["read_descriptor"] == ["violation", "read"]
-    assert said["allocate"] == "memory-limit"
+    assert [outcome for outcome, _ in said["allocate"]] == ["memory-limit"] * 2
+    assert said["loop"] == [["timeout", "timed out after 1 s"]] * 2
+    assert said["raise_value_error"] == [["agent-failed", "ValueError: bad header: X-Evil"]] * 2
     facts = said["facts"]
     assert (facts["root_links"], facts["stat_etc"], facts["pid"]) == (2, "ENOENT", 1)
     assert facts["uid"] == [NOBODY] * 3  # the caller's own, through a user namespace
