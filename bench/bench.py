@@ -49,7 +49,7 @@ class Sizes:
         self.big_rounds = 5 if quick else 30
         self.timeout_runs = 2 if quick else 8
         self.import_runs = 3 if quick else 15
-        self.isolate_rounds, self.isolate_warmup = (20, 3) if quick else (150, 10)
+        self.isolate_rounds, self.isolate_warmup = (15, 3) if quick else (100, 5)
 
 
 class Context:

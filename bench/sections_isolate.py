@@ -1,10 +1,13 @@
 """Section 7: compartment.isolate, a function in a prison per call, against the same function
-called in-process (unconfined) and against exec'ing Python under compartment.run to run it."""
+called in-process (unconfined) and against exec'ing Python to run it under compartment.run (the
+API, in this process) and under the `compartment run` command (a process per message, as an MTA
+runs it)."""
 
 from __future__ import annotations
 
 import email.policy
 import os
+import subprocess
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -60,13 +63,14 @@ def isolated(ctx: Context) -> list[Target]:
     measure.table(samples, "in-process trivial")
     print(f"  zygote memory: {zygote}; a prison starts as a copy-on-write clone of it")
     call = samples["isolate trivial"].median
-    return [
-        Target("isolate: trivial function per call", call, 2.0, at_least=False, unit=" ms"),
-        Target("isolate: compartment.run python3 / isolate, trivial",
-               measure.ratio(samples, "run python3 trivial", "isolate trivial"), 10.0, True),
-        Target("isolate: compartment.run python3 / isolate, attachment stripper",
-               measure.ratio(samples, "run python3 stripper", "isolate stripper"), 10.0, True),
-    ]
+    targets = [Target("isolate: trivial function per call", call, 2.0, at_least=False,
+                      unit=" ms")]
+    for baseline, what in (("run python3", "compartment.run(python3 -c)"),
+                           ("command python3", "`compartment run -- python3 -c`")):
+        for function in ("trivial", "stripper"):
+            targets.append(Target(f"isolate: {what} / isolate, {function}", measure.ratio(
+                samples, f"{baseline} {function}", f"isolate {function}"), 10.0, True))
+    return targets
 
 
 def _methods(ctx: Context, mime: bytes, trivial_isolated: Callable[[bytes], bytes],
@@ -79,6 +83,15 @@ def _methods(ctx: Context, mime: bytes, trivial_isolated: Callable[[bytes], byte
     plain_path, mime_path = ctx.scratch / "plain", ctx.scratch / "mime"
     plain_path.write_bytes(plain)
     mime_path.write_bytes(mime)
+
+    command = [ctx.cli, "run", "-p", "filter", "--set", f"filesystem.readable={ROOT}", "--",
+               PYTHON, "-I", "-c"]
+
+    def run_command(script: str, path: Path) -> bytes:
+        """The whole command, as an MTA would run it per message."""
+        with open(path, "rb") as message:
+            return subprocess.run([*command, script], stdin=message, capture_output=True,
+                                  env=ctx.child_env, check=True, timeout=60).stdout
 
     def run_python(script: str, path: Path) -> bytes:
         with open(path, "rb") as message, \
@@ -96,6 +109,8 @@ def _methods(ctx: Context, mime: bytes, trivial_isolated: Callable[[bytes], byte
         "in-process stripper": lambda: strip(mime),
         "isolate stripper": lambda: strip_isolated(mime),
         "run python3 stripper": lambda: run_python(STRIP_SCRIPT, mime_path),
+        "command python3 trivial": lambda: run_command(TRIVIAL_SCRIPT, plain_path),
+        "command python3 stripper": lambda: run_command(STRIP_SCRIPT, mime_path),
     }
     stripped = strip(mime)
     expected = {name: stripped if name.endswith("stripper") else trivial(plain)
