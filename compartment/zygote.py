@@ -231,24 +231,31 @@ def _try_ahead(prison: Prison) -> Ready | None:
 def _ahead(prison: Prison) -> Ready:
     """Lease a uid, make the prison's pipes and clone it: it confines itself and waits."""
     uid, gid, lease = _identity(prison)
-    watch = Watch(prison.watch_limits, (-1, -1, -1), prison.names)  # -1: set at the request
+    ready: Ready | None = None
+    status = theirs = None
     try:
+        ready = Ready(Watch(prison.watch_limits, (-1, -1, -1), prison.names), lease)  # -1: later
         status, theirs = socket.socketpair(socket.AF_UNIX,
                                            socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        ends = dict(watch.agent_ends())
+        ends = dict(ready.watch.agent_ends())
         handed = ((PRISON_INPUT, 0), (PRISON_OUTPUT, ends[1]), (PRISON_RECORD, ends[2]),
                   (PRISON_STATUS, theirs.fileno()), (PRISON_ROOT, prison.root))
-        try:
-            plan = prison.plan
-            pid = _clone(PrisonPlan(plan.unprivileged, uid, gid, plan.last_cap, plan.rlimits,
-                                    plan.seccomp, handed), prison.func)
-        finally:
-            theirs.close()
-        watch.start(pid, status)
+        plan = prison.plan
+        pid = _clone(PrisonPlan(plan.unprivileged, uid, gid, plan.last_cap, plan.rlimits,
+                                plan.seccomp, handed), prison.func)
+        ready.watch.start(pid, status)  # the watch owns the status socket from here
     except BaseException:
-        Ready(watch, lease).discard()
+        if status is not None:
+            status.close()
+        if ready:
+            ready.discard()
+        elif lease:
+            lease.release()
         raise
-    return Ready(watch, lease)
+    finally:
+        if theirs is not None:
+            theirs.close()
+    return ready
 
 
 def _answer(data: bytes, fds: list[int], prison: Prison, ready: Ready | None) -> bytes:
@@ -259,16 +266,22 @@ def _answer(data: bytes, fds: list[int], prison: Prison, ready: Ready | None) ->
             raise ValueError(f"a request of {len(data)} bytes with {len(fds)} descriptors")
         ready = ready or _ahead(prison)
         outcome, reason, size = _call(prison, ready, fds[0], fds[1])
+    except uidpool.PoolExhausted as err:  # as for run: the configuration is short of uids
+        return _failed(sequence, Outcome.CONFIG_ERROR, str(err))
     except Exception as err:  # noqa: BLE001 - the zygote's one catch-all: reported, it goes on
         if ready:
             ready.discard()
-        return REPLY.pack(b"reply", sequence, str(Outcome.INTERNAL_ERROR).encode(), 0, 0.0,
-                          0.0, b"", f"zygote: {_line(err)}".encode()[:256])
+        return _failed(sequence, Outcome.INTERNAL_ERROR, f"zygote: {_line(err)}")
     watch = ready.watch
     usage = watch.rusage
     cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
     return REPLY.pack(b"reply", sequence, str(outcome).encode(), size, cpu_s,
                       watch.ended - watch.started, (watch.denied_syscall or "").encode()[:32],
+                      reason.encode(errors="replace")[:256])
+
+
+def _failed(sequence: int, outcome: Outcome, reason: str) -> bytes:
+    return REPLY.pack(b"reply", sequence, str(outcome).encode(), 0, 0.0, 0.0, b"",
                       reason.encode(errors="replace")[:256])
 
 

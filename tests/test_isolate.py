@@ -227,6 +227,19 @@ def test_a_policy_that_is_not_a_prison_is_refused():
         isolate(prison_probes.echo, memory_bytes="1M")
 
 
+def test_a_pool_with_no_uid_left_is_a_config_error():
+    from compartment import Policy
+
+    pool = Policy.load("strict", {"identity.uid_pool": "61990-61990"})  # one uid, held below
+    with isolate(prison_probes.echo, pool) as holder:
+        ready_prison(holder)  # the holder's next prison, cloned ahead, has the pool's one uid
+        with isolate(prison_probes.echo, pool) as other:
+            failed = failure(other)
+        assert (failed.outcome, failed.reason) == \
+            (Outcome.CONFIG_ERROR, "uid pool 61990-61990: all 1 uids are in use")
+        assert holder(b"held") == b"held"
+
+
 def test_close_stops_the_zygote_and_later_calls_are_refused():
     function = isolate(prison_probes.echo)
     pid = function.zygote_pid
