@@ -78,6 +78,10 @@ class Prison:
     root: int  # the empty root's mount namespace
     plan: PrisonPlan
     names: dict[int, str]
+    # What a Watch made ahead of the request is given as the caller's stdout and stderr: two
+    # writable files, not the same one, so that it makes the two pipes; the output's real
+    # destination comes with the request (Watch.commit), and nothing is ever written to these.
+    stand_ins: tuple[int, int]
 
 
 def main() -> NoReturn:
@@ -120,8 +124,10 @@ def _prepare(config: dict[str, Any]) -> Prison:
                       rlimits=rlimits.prison(limits, PRISON_HELD), seccomp=compiled.prepared,
                       handed=())
     watch_limits = replace(limits, output_bytes=limits.output_bytes + RESULT.size)
+    stand_ins = (os.memfd_create("output-stand-in", os.MFD_CLOEXEC),
+                 os.memfd_create("record-stand-in", os.MFD_CLOEXEC))
     return Prison(func, limits, watch_limits, unprivileged, (uid, gid, tuple(pool)), root, plan,
-                  compiled.names)
+                  compiled.names, stand_ins)
 
 
 def _resolve(module: str, qualname: str, file: str | None) -> Any:
@@ -234,7 +240,7 @@ def _ahead(prison: Prison) -> Ready:
     ready: Ready | None = None
     status = theirs = None
     try:
-        ready = Ready(Watch(prison.watch_limits, (-1, -1, -1), prison.names), lease)  # -1: later
+        ready = Ready(Watch(prison.watch_limits, (-1, *prison.stand_ins), prison.names), lease)
         status, theirs = socket.socketpair(socket.AF_UNIX,
                                            socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         ends = dict(ready.watch.agent_ends())
