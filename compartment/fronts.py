@@ -112,38 +112,43 @@ def _port(text: str, whole: str) -> int:
 
 def listening_socket(listen: Listen, mode: int = 0o660, group: str | None = None
                      ) -> socket.socket:
-    """Bound and listening.  A unix socket gets `mode` and `group` (one of ours) before it
-    listens, so nobody else connects in between; a stale socket file of ours is replaced."""
+    """Bound and listening.  A unix socket gets `mode` and `group` (one of ours) and listens
+    under a temporary name before it is renamed into place: nobody else connects in between,
+    and a client that finds the name finds a socket that accepts."""
     if listen.kind == "systemd":
         return _systemd_socket()
-    if listen.kind == "inet":
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((listen.host, listen.port))
-        except OSError as err:
-            sock.close()
-            raise FrontError(f"cannot listen on {listen}: {err.strerror}") from None
-    else:
-        sock = _unix_socket(listen.path, mode, group)
+    if listen.kind == "unix":
+        return _unix_socket(listen.path, mode, group)
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as err:
+        sock.close()
+        raise FrontError(f"cannot listen on {listen}: {err.strerror}") from None
     sock.listen(128)
     return sock
 
 
 def _unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):  # left by a front that died: ours to replace
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FrontError(f"cannot listen on unix:{path}: something else is there")
+    aside = f"{path}.{os.getpid()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777)  # born unreachable; opened up below
     try:
-        sock.bind(path)
+        sock.bind(aside)
         if group is not None:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        os.chmod(path, mode)
+            os.chown(aside, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(aside, mode)
+        sock.listen(128)
+        os.rename(aside, path)  # replaces a socket a front that died left there
     except (OSError, KeyError) as err:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
         why = f"no group {group!r}" if isinstance(err, KeyError) else err.strerror
         raise FrontError(f"cannot listen on unix:{path}: {why}") from None
     finally:
