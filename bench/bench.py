@@ -32,6 +32,7 @@ from pathlib import Path
 import baseline
 import measure
 import sections_api
+import sections_fronts
 import sections_isolate
 import sections_other
 import sections_timeout
@@ -157,6 +158,7 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
     "7": sections_isolate.isolated,
+    "9": sections_fronts.fronts,
 }
 
 

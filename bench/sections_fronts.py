@@ -1,0 +1,224 @@
+"""Section 9: the fronts (issue 13) under a real Postfix.
+
+Throughput: 10 KiB messages per second through Postfix -> lmtp(8) -> `compartment lmtp` -> a
+Maildir agent (examples/agents/maildir-deliver.py) in a compartment, against Postfix ->
+lmtp(8) -> Dovecot's own LMTP server delivering into the same kind of Maildir, batches of the
+two interleaved on the same Postfix.  Each batch is submitted over one SMTP session and timed
+from its first byte to its last message in the Maildir.  Target: >= 0.5x Dovecot's rate.
+
+Latency: one message at a time through an smtpd with `compartment milter` (a /bin/cat filter,
+no rewrite) in smtpd_milters, against the same smtpd without a milter: the milter's added
+milliseconds per message (the time to the reply to the final dot).
+
+The fronts run with the stand-in for the supervisor's client (tests/fronts/standin.py: a
+process running compartment.run per delivery) until compartment serve is merged.  Needs root,
+Postfix and dovecot-lmtpd installed; takes the real-MTA tests' site lock while it runs, and
+stops Postfix at the end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import measure
+from measure import Target
+
+if TYPE_CHECKING:
+    from bench import Context
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = Path("/var/lib/compartment-bench")
+USER = "compartment-bench"
+PRIVATE = Path("/var/spool/postfix/private")
+FRONT_SOCKET, DOVECOT_SOCKET = PRIVATE / "bench-compartment-lmtp", PRIVATE / "bench-dovecot-lmtp"
+MILTER_SOCKET = PRIVATE / "bench-compartment-milter"
+PLAIN_PORT, MILTER_PORT = 10051, 10052
+SITE_LOCK = Path("/run/lock/compartment-test-site.lock")
+DOVECOT_CONF = """protocols = lmtp
+base_dir = {site}/dovecot-run
+state_dir = {site}/dovecot-state
+log_path = {site}/dovecot.log
+ssl = no
+first_valid_uid = {uid}
+mail_location = maildir:{site}/dovecot/Maildir
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={site}/dovecot
+}}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+service lmtp {{
+  unix_listener {socket} {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+def fronts(ctx: Context) -> list[Target]:
+    measure.heading("9 fronts: Postfix -> LMTP (compartment lmtp vs Dovecot), milter latency")
+    missing = [p for p in ("/usr/sbin/postfix", "/usr/lib/dovecot/lmtp") if not os.path.exists(p)]
+    if os.geteuid() != 0 or missing or ctx.core is None:
+        why = "not root" if os.geteuid() != 0 else f"missing {', '.join(missing)} (apt-get " \
+            "install postfix dovecot-lmtpd)" if missing else "compartment not importable"
+        print(f"  SKIP: {why}")
+        return [Target("LMTP front rate / Dovecot LMTP rate", None, 0.5, True),
+                Target("milter added latency per message", None, 0.0, False, " ms")]
+    batch, rounds = (10, 1) if ctx.sizes.quick else (60, 3)
+    with SITE_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        processes: list[subprocess.Popen] = []
+        try:
+            _prepare(processes)
+            rate = _throughput(ctx, batch, rounds)
+            added = _milter_latency(ctx, 5 if ctx.sizes.quick else 30)
+        finally:
+            _teardown(processes)
+    return [Target("LMTP front rate / Dovecot LMTP rate", rate, 0.5, True,
+                   note="(stand-in client: a compartment.run process per delivery)"),
+            Target("milter added latency per message", added, 1000.0, False, " ms",
+                   note="(no target in issue 13: reported)")]
+
+
+def _prepare(processes: list[subprocess.Popen]) -> None:
+    subprocess.run(["postfix", "stop"], capture_output=True, check=False)
+    shutil.rmtree(SITE, ignore_errors=True)
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", USER], check=True)
+    entry = pwd.getpwnam(USER)
+    for name in ("front", "dovecot"):
+        for sub in ("tmp", "new", "cur"):
+            (SITE / name / "Maildir" / sub).mkdir(parents=True)
+        for path in (SITE / name, *(SITE / name).rglob("*")):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    SITE.chmod(0o755)
+    agent = SITE / "maildir-deliver.py"
+    shutil.copyfile(ROOT / "examples" / "agents" / "maildir-deliver.py", agent)
+    agent.chmod(0o755)
+    (SITE / "map").write_text(f"bench {SITE / 'front' / 'Maildir'}\n")
+    (SITE / "supervisor").write_text("")
+    (SITE / "dovecot.conf").write_text(DOVECOT_CONF.format(
+        site=SITE, uid=entry.pw_uid, gid=entry.pw_gid, socket=DOVECOT_SOCKET))
+    _postfix_config()
+    subprocess.run(["dovecot", "-c", str(SITE / "dovecot.conf")], check=True)
+    common = ["--socket", str(SITE / "supervisor"), "--log", "stderr", "--socket-group",
+              "postfix"]
+    launch = [sys.executable, str(ROOT / "tests" / "fronts" / "launch.py")]
+    for argv in (
+            [*launch, "lmtp", "--listen", f"unix:{FRONT_SOCKET}", *common,
+             "--recipients", f"map:{SITE / 'map'}", "--set", "filesystem.writable={mailbox}",
+             "--", str(agent), "{mailbox}"],
+            [*launch, "milter", "--listen", f"unix:{MILTER_SOCKET}", *common, "--",
+             "/bin/cat"]):
+        with (SITE / f"{argv[len(launch)]}.log").open("wb") as log:
+            processes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=log,
+                                              stdout=subprocess.DEVNULL))
+    subprocess.run(["postfix", "start"], check=True, capture_output=True)
+    _wait(lambda: FRONT_SOCKET.exists() and MILTER_SOCKET.exists() and
+          DOVECOT_SOCKET.exists() and _smtp_ready(PLAIN_PORT) and _smtp_ready(MILTER_PORT),
+          "Postfix, Dovecot and the fronts")
+
+
+def _postfix_config() -> None:
+    Path("/etc/postfix/main.cf").write_text("# written by bench/sections_fronts.py\n")
+    subprocess.run(["postconf", "-e", "compatibility_level=3.6", "myhostname=mx.bench.test",
+                    "mydestination=", "inet_interfaces=loopback-only", "inet_protocols=ipv4",
+                    "mynetworks=127.0.0.0/8", "relay_domains=front.bench dovecot.bench",
+                    "smtpd_relay_restrictions=permit_mynetworks, reject_unauth_destination",
+                    f"transport_maps=inline:{{front.bench=lmtp:unix:{FRONT_SOCKET}, "
+                    f"dovecot.bench=lmtp:unix:{DOVECOT_SOCKET}}}", "alias_maps=",
+                    f"maillog_file={SITE / 'postfix.log'}", "milter_default_action=tempfail",
+                    "in_flow_delay=0"], check=True)
+    subprocess.run(["postconf", "-F", "*/*/chroot=n"], check=True)
+    for port, milters in ((PLAIN_PORT, ""), (MILTER_PORT, f"unix:{MILTER_SOCKET}")):
+        subprocess.run(["postconf", "-M", f"127.0.0.1:{port}/inet=127.0.0.1:{port} inet n - n - "
+                        f"- smtpd -o smtpd_milters={milters}"], check=True)
+
+
+def _teardown(processes: list[subprocess.Popen]) -> None:
+    subprocess.run(["postsuper", "-d", "ALL"], capture_output=True, check=False)
+    subprocess.run(["postfix", "stop"], capture_output=True, check=False)
+    subprocess.run(["dovecot", "-c", str(SITE / "dovecot.conf"), "stop"], capture_output=True,
+                   check=False)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _throughput(ctx: Context, batch: int, rounds: int) -> float | None:
+    rates: dict[str, list[float]] = {"compartment lmtp": [], "dovecot lmtp": []}
+    targets = {"compartment lmtp": "front", "dovecot lmtp": "dovecot"}
+    for round_no in range(rounds):
+        names = list(rates)
+        for name in names[round_no % 2:] + names[:round_no % 2]:
+            rates[name].append(_batch(ctx, targets[name], batch))
+    print(f"  {'method':<28} {'msg/s (median)':>15} {'rounds':>7} {'batch':>6}")
+    for name, values in rates.items():
+        print(f"  {name:<28} {statistics.median(values):>15.1f} {len(values):>7} {batch:>6}")
+    ratio = statistics.median(rates["compartment lmtp"]) / statistics.median(rates["dovecot lmtp"])
+    print(f"  ratio compartment lmtp / dovecot lmtp: {ratio:.2f}")
+    return ratio
+
+
+def _batch(ctx: Context, target: str, count: int) -> float:
+    maildir = SITE / target / "Maildir" / "new"
+    before = len(os.listdir(maildir))
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", PLAIN_PORT, timeout=120) as smtp:
+        for _ in range(count):
+            smtp.sendmail("sender@bench.test", [f"bench@{target}.bench"],
+                          ctx.expected_message.replace(b"\n", b"\r\n"))
+    _wait(lambda: len(os.listdir(maildir)) >= before + count, f"{count} messages in {maildir}",
+          timeout_s=600)
+    return count / (time.monotonic() - started)
+
+
+def _milter_latency(ctx: Context, count: int) -> float | None:
+    message = ctx.expected_message.replace(b"\n", b"\r\n")
+    methods = {}
+    for name, port in (("postfix, no milter", PLAIN_PORT), ("postfix + compartment milter",
+                                                            MILTER_PORT)):
+        def send(port: int = port) -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+                smtp.sendmail("sender@bench.test", ["bench@dovecot.bench"], message)
+        methods[name] = send
+    samples = measure.interleave(methods, count, 2)
+    measure.table(samples, "postfix, no milter")
+    return samples["postfix + compartment milter"].median - samples["postfix, no milter"].median
+
+
+def _smtp_ready(port: int) -> bool:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _wait(probe, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
