@@ -3,11 +3,35 @@
     from compartment import Policy, run
     result = run(["/usr/local/bin/myfilter"], Policy.load("filter"), stdin=message_fd)
     sys.exit(result.exit_status)
+
+    from compartment import submit          # through the resident supervisor (compartment serve)
+    result = submit(["/usr/local/bin/myfilter"], "filter", stdin=message_fd)
+
+The names are imported on first use (PEP 562), so that importing a submodule costs only that
+submodule: the `submit` client and the spawner start small and must not load the policy loader.
 """
 
-from compartment.api import run
-from compartment.exits import Convention, Outcome
-from compartment.policy import Policy, PolicyError
-from compartment.report import Result
+from __future__ import annotations
 
-__all__ = ["Convention", "Outcome", "Policy", "PolicyError", "Result", "run"]
+TYPE_CHECKING = False  # not typing's: importing typing costs the client 1.5 ms
+if TYPE_CHECKING:
+    from compartment.api import run
+    from compartment.client import submit
+    from compartment.exits import Convention, Outcome
+    from compartment.policy import Policy, PolicyError
+    from compartment.report import Result
+
+_HOMES = {"run": "compartment.api", "submit": "compartment.client",
+          "Convention": "compartment.exits", "Outcome": "compartment.exits",
+          "Policy": "compartment.policy", "PolicyError": "compartment.policy",
+          "Result": "compartment.report"}
+
+__all__ = ["Convention", "Outcome", "Policy", "PolicyError", "Result", "run", "submit"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'compartment' has no attribute {name!r}")
+    value = getattr(__import__(_HOMES[name], fromlist=[name]), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
