@@ -10,6 +10,12 @@ Supervisor side, one thread, one poll() loop over descriptors only:
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
 whole compartment is killed through the pidfd.
+
+A Watch never blocks and owns no loop of its own: `wanted()` says which descriptors it waits on
+and for what, `on_event` takes what poll() reported, `check_deadline` is called whenever the
+loop wakes.  `run()` is that loop for one compartment (compartment run); the resident supervisor
+drives many watches from its single loop (compartment serve).  When the caller's stdout is full,
+the watch waits for it to have room instead of reading the agent, which the full pipe stops.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from compartment import message, syscalls
 from compartment.confine.errors import RECORD, SetupError
@@ -63,6 +70,8 @@ class Watch:
         self.caller_error = ""
         self._splice = True
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
+        self._handlers: dict[int, Callable[[], bool]] = {}  # fd -> handler; False: done with it
+        self._listening = False
 
     def agent_ends(self) -> list[tuple[int, int]]:
         err = self.out_w if self.merged else self.err_w
@@ -77,37 +86,59 @@ class Watch:
                 os.close(fd)
         self.out_w = self.err_w = -1
         self.deadline = self.started + self.limits.wall_timeout_s
+        self._handlers = {self.pidfd: self._on_exit, status.fileno(): self._on_status,
+                          self.out_r: self._output_handler()}
+        if not self.merged:
+            self._handlers[self.err_r] = self._on_diagnostics
+
+    def wanted(self) -> dict[int, int]:
+        """The descriptors to poll now, and for what."""
+        return {fd: select.POLLOUT if fd == self.caller_out else select.POLLIN
+                for fd in self._handlers}
+
+    @property
+    def finished(self) -> bool:
+        # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
+        return not set(self._handlers) - {self.listener}
+
+    def on_event(self, fd: int, events: int) -> None:
+        handler = self._handlers.get(fd)
+        if handler is None:
+            return  # dropped by an earlier handler of the same poll() round
+        # On the listener, POLLHUP without POLLIN: no task uses the filter any more.
+        hung_up = fd == self.listener and not events & select.POLLIN
+        if hung_up or not handler():
+            self._handlers.pop(fd, None)
+        if self.listener >= 0 and not self._listening:
+            self._listening = True
+            self._handlers[self.listener] = self._on_notification
+
+    def check_deadline(self) -> None:
+        if self.killed_for is None and time.monotonic() >= self.deadline:
+            self.kill(Outcome.TIMEOUT)
 
     def run(self) -> None:
+        """Watch this one compartment to its end."""
         poller = select.poll()
-        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status,
-                    self.out_r: self._on_stdout if not self.merged else self._on_diagnostics}
-        if not self.merged:
-            handlers[self.err_r] = self._on_diagnostics
-        for fd in handlers:
-            poller.register(fd, select.POLLIN)
-        listening = False
-        # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
-        while set(handlers) - {self.listener}:
-            for fd, events in poller.poll(self._poll_ms()):
-                # On the listener, POLLHUP without POLLIN: no task uses the filter any more.
-                hung_up = fd == self.listener and not events & select.POLLIN
-                if hung_up or not handlers[fd]():
-                    poller.unregister(fd)
-                    del handlers[fd]
-                if self.listener >= 0 and not listening:
-                    listening = True
-                    handlers[self.listener] = self._on_notification
-                    poller.register(self.listener, select.POLLIN)
-            if self.killed_for is None and time.monotonic() >= self.deadline:
-                self.kill(Outcome.TIMEOUT)
+        registered: dict[int, int] = {}
+        while not self.finished:
+            sync(poller, registered, self.wanted())
+            for fd, events in poller.poll(self.poll_ms()):
+                self.on_event(fd, events)
+            self.check_deadline()
 
-    def _poll_ms(self) -> int | None:
-        remaining_ms = math.ceil((self.deadline - time.monotonic()) * 1000)
-        return None if self.killed_for or self.rusage else max(0, remaining_ms)
+    def poll_ms(self) -> int | None:
+        """How long the loop may sleep for this watch: until the deadline, which holds while
+        the agent runs or its output waits for the caller."""
+        waiting = self.rusage is None or self.caller_out in self._handlers
+        if self.killed_for or not waiting:
+            return None
+        return max(0, math.ceil((self.deadline - time.monotonic()) * 1000))
 
     def kill(self, why: Outcome) -> None:
         self.killed_for = self.killed_for or why  # the first reason is the one reported
+        # Waiting for a caller that does not read: what the agent wrote is not delivered now.
+        self._handlers.pop(self.caller_out, None)
         try:
             syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -153,21 +184,29 @@ class Watch:
             return self._overflow(self.out_r)
         try:
             moved = self._move(min(room, _CHUNK))
+        except BlockingIOError:
+            # The caller's pipe is full: wait for it to have room (not past the deadline), and
+            # leave the agent's output in its own pipe meanwhile, which stops the agent.
+            self._handlers[self.caller_out] = self._on_writable
+            return False
         except OSError as err:
             return self._caller_failed(err)
         self.bytes_out += moved
         return moved > 0
 
+    def _on_writable(self) -> bool:
+        self._handlers[self.out_r] = self._output_handler()
+        return False
+
+    def _output_handler(self) -> Callable[[], bool]:
+        return self._on_diagnostics if self.merged else self._on_stdout
+
     def _move(self, count: int) -> int:
         while self._splice:
             try:
-                # Non-blocking on the pipes: a caller that stops reading must not hold this
-                # loop past the deadline.
+                # Non-blocking on the pipes: a caller that stops reading must not hold the
+                # loop past the deadline (BlockingIOError goes up: wait for room).
                 return os.splice(self.out_r, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:  # the caller's pipe is full: wait, but not past the deadline
-                if not self._writable_before_deadline():
-                    self.kill(Outcome.TIMEOUT)
-                    return 0  # what the agent still writes is not delivered: the run failed
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
                     raise
@@ -175,11 +214,6 @@ class Watch:
         data = os.read(self.out_r, count)
         message.write_all(self.caller_out, data)
         return len(data)
-
-    def _writable_before_deadline(self) -> bool:
-        waiter = select.poll()
-        waiter.register(self.caller_out, select.POLLOUT)
-        return bool(waiter.poll(self._poll_ms()))
 
     def _caller_failed(self, err: OSError) -> bool:
         self.caller_error = f"cannot write the agent's output: {err.strerror}"
@@ -230,6 +264,17 @@ class Watch:
             except ProcessLookupError:
                 return
             os.waitpid(self.pid, 0)
+
+
+def sync(poller: select.poll, registered: dict[int, int], wanted: dict[int, int]) -> None:
+    """Bring poller's registrations (mirrored in `registered`) to `wanted`."""
+    for fd in registered.keys() - wanted.keys():
+        poller.unregister(fd)
+        del registered[fd]
+    for fd, events in wanted.items():
+        if registered.get(fd) != events:
+            poller.register(fd, events)  # registering again modifies
+            registered[fd] = events
 
 
 def _same_file(a: int, b: int) -> bool:

@@ -286,12 +286,14 @@ def test_one_file_for_stdout_and_stderr_keeps_all_output(tmp_path):
     assert result.outcome is Outcome.OK and result.bytes_out == len(message)
 
 
-def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path):
-    """The agent's output goes to a pipe nobody drains: the deadline must still fire."""
+@pytest.mark.parametrize("size", [8 << 20, 512 << 10])
+def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path, size):
+    """The agent's output goes to a pipe nobody drains: the deadline must still fire, also when
+    the agent has exited and its last output (512 KiB fit in the agent's pipe) waits for room."""
     report = tmp_path / "r.jsonl"
     cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--set",
                             "limits.wall_timeout_s=0.5", "--", PYTHON, "-c",
-                            "import sys; sys.stdout.buffer.write(b'x' * (8 << 20))"],
+                            f"import sys; sys.stdout.buffer.write(b'x' * {size})"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL)
     try:
