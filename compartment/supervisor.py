@@ -10,7 +10,6 @@ socket, seccomp listener, output pipes, deadline) -> reap -> classify -> report.
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import stat
@@ -18,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compartment import rootfs, syscall_filter, syscalls, uidpool
-from compartment.confine import Plan, namespaces, rlimits, run_child, scope
+from compartment.confine import Plan, namespaces, rlimits, scope, start
 from compartment.policy import Policy
 from compartment.watch import Watch
 
@@ -71,14 +70,8 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
 def spawn(plan: Plan) -> tuple[int, socket.socket]:
     """Clone the child into its namespaces; returns its pid and our end of the status socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    # No garbage collection may run a finaliser between clone and exec in the child.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
-        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, plan.network is None))
-        if pid == 0:
-            ours.close()
-            run_child(plan, theirs)  # never returns
+        pid = start(plan, theirs)
     except OSError as err:
         ours.close()
         if plan.unprivileged:
@@ -88,8 +81,6 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
         raise
     finally:
         theirs.close()
-        if gc_was_enabled:
-            gc.enable()
     return pid, ours
 
 

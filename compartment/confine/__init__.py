@@ -41,6 +41,7 @@ on the status socket and exits 127.  Nothing here returns into the supervisor's 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 from collections.abc import Sequence
@@ -110,6 +111,23 @@ def enter(plan: Plan, status: socket.socket) -> None:
         hint = " (is it dynamically linked, its loader not in this root?)" \
             if err.errno == errno.ENOENT else ""
         raise fail("exec", "execve", err, plan.program + hint) from None
+
+
+def start(plan: Plan, status: socket.socket, flags: int = 0) -> int:
+    """Parent side: clone the child into its namespaces (and `flags`); it confines itself and
+    execs, reporting on `status`.  Returns its pid.  The caller must be single-threaded."""
+    # No garbage collection may run a finaliser between clone and exec in the child.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        own_network = plan.network is None
+        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, own_network) | flags)
+        if pid == 0:
+            run_child(plan, status)  # never returns
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return pid
 
 
 def run_child(plan: Plan, status: socket.socket) -> None:
