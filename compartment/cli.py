@@ -2,8 +2,11 @@
 
     compartment run [-p POLICY] [--exit-codes sysexits|qmail] [--agent-exit-codes sysexits|qmail]
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
-    compartment check [-p POLICY] [--set KEY=VALUE]...
+    compartment check [-p POLICY] [--set KEY=VALUE]... | compartment check --serve PATH
     compartment policies
+    compartment serve [--config PATH] [--socket PATH] [--log syslog|stderr]
+    compartment submit [the options of run] [--fd N]... [--socket PATH] -- PROGRAM [ARG...]
+    compartment status [--socket PATH]
 
 `run` is what an MTA executes, so even a usage error must not exit 2 (Postfix would bounce the
 message): every failure of the command line itself is a temporary failure in the caller's
@@ -47,6 +50,21 @@ def _parser() -> argparse.ArgumentParser:
                                "message, handed on to a file, sendmail or stdout")
     check = commands.add_parser("check", help="validate a policy and print it resolved")
     commands.add_parser("policies", help="list the shipped policies")
+    serve = commands.add_parser("serve", help="the resident supervisor (as root): run the "
+                                "requests of compartment submit")
+    serve.add_argument("--config", default="/etc/compartment/serve.toml", metavar="PATH",
+                       help="the server configuration (default: /etc/compartment/serve.toml)")
+    serve.add_argument("--log", choices=("syslog", "stderr"), default="syslog",
+                       help="where the log lines go (default: syslog, mail facility)")
+    serve.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="for a client to send its request once connected (default: 10)")
+    status = commands.add_parser("status", help="the resident supervisor's live compartments, "
+                                 "counts and latency")
+    for sub in (serve, status):
+        sub.add_argument("--socket", default="/run/compartment/socket", metavar="PATH",
+                         help="the daemon's socket (default: /run/compartment/socket)")
+    check.add_argument("--serve", metavar="PATH", help="validate a server configuration "
+                       "instead, and print it resolved")
     destination = filt.add_mutually_exclusive_group()
     destination.add_argument("--output", metavar="PATH",
                              help="write the new message to PATH (whole, or not at all)")
@@ -88,6 +106,11 @@ def command() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["submit"]:  # its own parser: the one bin/compartment runs directly
+        from compartment.client import command as submit
+
+        sys.argv[1:] = args_list
+        submit()
     try:
         args = _parser().parse_args(args_list)
     except UsageError as err:
@@ -95,8 +118,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "policies":
         return _policies()
     if args.command == "check":
-        return _check(args)
+        return _check_serve(args.serve) if args.serve else _check(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        from compartment.client import status
+
+        return status(args.socket)
     return _run(args)  # run and filter
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from compartment.serveconfig import ConfigError
+    from compartment.server import Server
+    from compartment.serverlog import Log
+
+    if os.geteuid() != 0:
+        print("compartment serve: must be started as root (it runs each delivery under a "
+              "uid of its own)", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        server = Server(args.config, args.socket, Log(args.log), args.request_timeout)
+    except (ConfigError, OSError) as err:
+        print(f"compartment serve: {err}", file=sys.stderr)
+        return EX_CONFIG
+    return server.run()
+
+
+def _check_serve(path: str) -> int:
+    from compartment import authorize, serveconfig
+    from compartment.policy import PolicyError
+
+    try:
+        config = serveconfig.load(path)
+        for rule in config.rules:
+            for name in rule.policies:
+                # As a peer would use it: a policy that runs as the mailbox's owner needs the
+                # writable directory a request gives; any will do to check the rest.
+                authorize.load_named(name, ["filesystem.writable=/var/mail"],
+                                     config.policy_dir)
+    except (serveconfig.ConfigError, PolicyError, OSError) as err:
+        print(f"compartment check: {err}", file=sys.stderr)
+        return EX_CONFIG
+    sys.stdout.write(config.describe())
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,12 +5,14 @@ as trusted as root — root's, writable by no one else, and so every directory a
 an error naming the path.  A missing file means: only root may connect.  It is checked field by
 field like a policy; errors name the file, the rule and the key.
 
+    policy_dir = "/etc/compartment/policies"  # the administrator's policies, by name
+
     [socket]
     group = "mail"                    # the socket is root:mail 0660 (default: 0666 with rules)
 
     [[allow]]                         # the first rule that matches the peer applies
     user = "postfix"                  # or group = "mail": one of the two, a name or a number
-    policies = ["deliver", "filter"]  # shipped or /etc/compartment/policies/NAME.toml
+    policies = ["deliver", "filter"]  # policy_dir/NAME.toml, else the shipped NAME
     set = ["limits.wall_timeout_s", "filesystem.writable"]  # --set keys it may give
     deliver_as_owner = ["/home/*/Maildir"]  # writable dirs it may name beyond its own
     max_live = 8                      # its compartments at once
@@ -82,6 +84,7 @@ class Config:
     source: str
     rules: tuple[Rule, ...]
     socket_group: int | None = None
+    policy_dir: str = POLICY_DIR
 
     def rule_for(self, uid: int, groups: tuple[int, ...]) -> Rule | None:
         """The rule for a peer (its uid, its gid and supplementary groups); None: refused."""
@@ -100,6 +103,7 @@ class Config:
     def describe(self) -> str:
         """The resolved configuration, as `compartment check --serve` prints it."""
         lines = [f"# server configuration from {self.source}",
+                 f'policy_dir = "{self.policy_dir}"',
                  f"# socket mode {self.socket_mode():04o}" + (
                      f", group {_group_name(self.socket_group)}"
                      if self.socket_group is not None else "")]
@@ -128,10 +132,13 @@ def load(path: str = DEFAULT_PATH) -> Config:
 
 
 def parse(source: str, document: dict[str, Any]) -> Config:
-    unknown = set(document) - {"allow", "socket"}
+    unknown = set(document) - {"allow", "socket", "policy_dir"}
     if unknown:
-        raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r} (expected allow or "
-                          "socket)")
+        raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r} (expected allow, "
+                          "socket or policy_dir)")
+    policy_dir = document.get("policy_dir", POLICY_DIR)
+    if not isinstance(policy_dir, str) or not policy_dir.startswith("/"):
+        raise ConfigError(f"{source}: policy_dir: expected an absolute path")
     socket_table = document.get("socket", {})
     if not isinstance(socket_table, dict) or set(socket_table) - {"group"}:
         raise ConfigError(f"{source}: [socket]: expected a table with only group")
@@ -141,7 +148,8 @@ def parse(source: str, document: dict[str, Any]) -> Config:
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ConfigError(f"{source}: allow: expected [[allow]] tables")
     return Config(source, tuple(_rule(f"{source}: allow[{i + 1}]", table)
-                                for i, table in enumerate(rules)), socket_group)
+                                for i, table in enumerate(rules)), socket_group,
+                  os.path.normpath(policy_dir))
 
 
 def _rule(where: str, table: dict[str, Any]) -> Rule:

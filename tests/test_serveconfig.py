@@ -22,6 +22,7 @@ def rule(**keys):
 
 ERRORS = [
     ({"allowed": []}, "unknown key 'allowed'"),
+    ({"policy_dir": "etc/policies"}, "policy_dir: expected an absolute path"),
     ({"socket": {"mode": "0666"}}, r"\[socket\]: expected a table with only group"),
     ({"socket": {"group": "no-such-group-here"}}, "no group named"),
     ({"allow": {"user": 1}}, r"allow: expected \[\[allow\]\] tables"),

@@ -1,0 +1,561 @@
+"""compartment serve: the resident supervisor, qmail-lspawn's place.
+
+Privileged (root), long-running, single-threaded: one poll() loop over the listening socket, every
+client connection, the spawner's channel and every live compartment's Watch — no thread per
+delivery.  Per connection (docs/protocol.md): the peer is who SO_PEERCRED says; its rule in the
+server configuration is found before anything is read; one request is read (bounded, with a
+deadline) and decoded by compartment.protocol, the only reader of what a peer sent; the policy
+and overrides are authorized (compartment.authorize); the run is prepared as `compartment run`
+prepares it (supervisor.prepare), cloned by the spawner, watched, classified by the same code
+(api._classify, api.stderr_text) and answered; one log line per delivery, in the mail facility.
+
+A client that disconnects mid-delivery has its compartment killed and reaped.  SIGTERM stops
+accepting, refuses what was not yet started and finishes what was; SIGHUP reloads the
+configuration (and forgets cached policies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from compartment import authorize, protocol, serveconfig, watch
+from compartment.api import _classify, failure, stderr_text
+from compartment.authorize import Peer, Refused
+from compartment.exits import Convention, Outcome
+from compartment.policy import Policy
+from compartment.report import Result, append
+from compartment.serverlog import Log, Stats
+from compartment.spawner import Spawner
+from compartment.supervisor import ConfigError, Prepared, prepare
+
+DEFAULT_SOCKET = "/run/compartment/socket"
+REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client is dropped
+MAX_CONNECTIONS = 1024
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_DEV_NULL = os.makedev(1, 3)
+
+
+class Delivery:
+    """One request being run: from the spawn request to the answer.  It owns the client's
+    descriptors, the uid lease, the watch and the status socket until close()."""
+
+    def __init__(self, request: protocol.Request, policy: Policy, fds: list[int],
+                 caller: Convention, agent: Convention) -> None:
+        self.request, self.policy, self.fds, self.caller, self.agent = \
+            request, policy, fds, caller, agent
+        self.prepared: Prepared | None = None
+        self.watch: watch.Watch | None = None
+        self.status: socket.socket | None = None  # our end of the child's status socket
+        self.started = time.monotonic()
+        self.running = False  # the spawner answered with a pid
+        self.counted = False  # in the live statistics
+
+    def close(self) -> None:
+        """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
+        after which nothing of the uid is left and its lease may go."""
+        if self.watch is not None:
+            self.watch.close()
+        if self.status is not None:
+            self.status.close()
+        if self.prepared is not None and self.prepared.lease:
+            self.prepared.lease.release()
+            self.prepared.lease = None
+        for fd in self.fds:  # first of what the client sees: a relay waits for their end
+            os.close(fd)
+        self.fds = []
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: Peer, rule: serveconfig.Rule | None,
+                 request_timeout_s: float) -> None:
+        self.sock, self.peer, self.rule = sock, peer, rule
+        self.deadline = time.monotonic() + request_timeout_s
+        self.delivery: Delivery | None = None
+        self.gone = False  # the client hung up or broke the protocol mid-delivery
+        # Refused and answered: waiting for the client to close, so that closing first with its
+        # request unread does not reset the connection before it reads the answer.
+        self.lingering = False
+
+
+class Server:
+    def __init__(self, config_path: str, socket_path: str, log: Log,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.config_path, self.socket_path, self.log = config_path, socket_path, log
+        self.request_timeout_s = request_timeout_s
+        self.config = serveconfig.load(config_path)
+        self.stats = Stats(config_path)
+        self.connections: dict[int, Connection] = {}
+        self.spawning: list[Connection] = []  # in the order the spawner answers
+        self.stopping = self.reload = False
+        self.poller = select.poll()
+        self.registered: dict[int, int] = {}
+        self.activated = _activated()  # systemd's socket: its unit sets the mode
+        self.listener = _listener(socket_path, self.config, self.activated)
+        self.spawner = Spawner()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self) -> int:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        _notify(f"READY=1\nSTATUS=serving on {self.socket_path}")
+        self.log.info(f"serving on {self.socket_path}, {self.config.source}")
+        while not (self.stopping and not self.connections):
+            handlers = self._handlers()
+            watch.sync(self.poller, self.registered, {fd: ev for fd, (ev, _) in handlers.items()})
+            for fd, events in self.poller.poll(self._timeout_ms()):
+                if fd in handlers:
+                    handlers[fd][1](events)
+            self._expire()
+            if self.reload:
+                self._reload()
+        self.spawner.stop()
+        _notify("STOPPING=1")
+        self.log.info("stopped")
+        return 0
+
+    # The loop's bookkeeping.
+
+    def _handlers(self) -> dict[int, tuple[int, Callable[[int], None]]]:
+        out: dict[int, tuple[int, Callable[[int], None]]] = {
+            self.wake_r: (select.POLLIN, self._on_wake),
+            self.spawner.channel.fileno(): (select.POLLIN, self._on_spawner)}
+        if not self.stopping:
+            out[self.listener.fileno()] = (select.POLLIN, self._on_accept)
+        for fd, conn in self.connections.items():
+            delivery = conn.delivery
+            if conn.lingering:
+                out[fd] = (select.POLLIN, lambda ev, c=conn: self._on_linger(c))
+                continue
+            if delivery is None:
+                out[fd] = (select.POLLIN, lambda ev, c=conn: self._guarded(c, self._on_request, c))
+                continue
+            if not conn.gone:
+                out[fd] = (select.POLLIN | select.POLLRDHUP,
+                           lambda ev, c=conn: self._guarded(c, self._on_hangup, c))
+            if delivery.running:
+                for wfd, events in delivery.watch.wanted().items():
+                    out[wfd] = (events, lambda ev, c=conn, f=wfd: self._guarded(
+                        c, self._on_watch, c, f, ev))
+        return out
+
+    def _timeout_ms(self) -> int | None:
+        now, waits = time.monotonic(), []
+        for conn in self.connections.values():
+            if conn.delivery is None:
+                waits.append(max(0, int((conn.deadline - now) * 1000) + 1))
+            elif conn.delivery.running:
+                ms = conn.delivery.watch.poll_ms()
+                if ms is not None:
+                    waits.append(ms)
+        return min(waits, default=None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.lingering and now >= conn.deadline:
+                self._close(conn)
+            elif conn.delivery is None and now >= conn.deadline:
+                self._refuse(conn, f"no request within {self.request_timeout_s:g} s")
+            elif conn.delivery is not None and conn.delivery.running:
+                conn.delivery.watch.check_deadline()
+                self._maybe_finish(conn)
+
+    def _on_wake(self, _events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 512)
+
+    def _on_stop(self, _signum: int, _frame: object) -> None:
+        self.stopping = True
+
+    def _on_reload(self, _signum: int, _frame: object) -> None:
+        self.reload = True
+
+    def _reload(self) -> None:
+        self.reload = False
+        try:
+            self.config = serveconfig.load(self.config_path)
+        except (serveconfig.ConfigError, OSError) as err:
+            self.log.error(f"reload refused, the old configuration stays: {err}")
+            return
+        authorize.forget_policies()
+        if not self.activated:
+            _set_mode(self.socket_path, self.config)
+        self.log.info(f"reloaded {self.config.source}")
+
+    # Connections and requests.
+
+    def _on_accept(self, _events: int) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        except OSError as err:  # EMFILE and the like: the client sees EOF and defers
+            self.log.error(f"accept: {err.strerror}")
+            return
+        sock.setblocking(False)
+        peer = _peer(sock)
+        rule = self.config.rule_for(peer.uid, peer.groups)
+        conn = Connection(sock, peer, rule, self.request_timeout_s)
+        self.connections[sock.fileno()] = conn
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._refuse(conn, f"too many connections ({MAX_CONNECTIONS})")
+        elif rule is None:
+            self._refuse(conn, f"{peer} may not use the daemon (no rule in {self.config.source})")
+        elif self.stopping:
+            self._refuse(conn, "the daemon is stopping")
+
+    def _on_request(self, conn: Connection) -> None:
+        try:
+            data, fds, refusal = _receive(conn.sock)
+        except OSError as err:
+            self._close(conn)
+            if err.errno not in (errno.ECONNRESET, errno.EAGAIN):
+                self.log.error(f"{conn.peer}: receive: {err.strerror}")
+            return
+        if refusal is None and not data and not fds:
+            self._close(conn)  # connected and left without a word
+            return
+        try:
+            if refusal:
+                raise Refused(refusal)
+            request = protocol.decode_request(data, len(fds))
+            if self.stopping:
+                raise Refused("the daemon is stopping")
+            if request.kind == protocol.STATUS:
+                self._status(conn)
+                return
+            policy = self._authorize(conn, request, fds)
+        except (Refused, protocol.ProtocolError) as err:
+            for fd in fds:
+                os.close(fd)
+            self._refuse(conn, str(err))
+            return
+        self._start(conn, request, policy, fds)
+
+    def _status(self, conn: Connection) -> None:
+        if conn.rule is None or not conn.rule.status:
+            raise Refused(f"{conn.peer} may not ask for the status ({self.config.source})")
+        self._send(conn, protocol.encode_status(self.stats.text()))
+        self._close(conn)
+
+    def _authorize(self, conn: Connection, request: protocol.Request,
+                   fds: list[int]) -> Policy:
+        rule = conn.rule
+        assert rule is not None  # a peer without one was refused on connecting
+        live = sum(1 for c in self.connections.values()
+                   if c.delivery is not None and c.peer.uid == conn.peer.uid)
+        if live >= rule.max_live:
+            raise Refused(f"{conn.peer} has {live} compartments running, its limit "
+                          f"({rule.where}: max_live)")
+        policy = authorize.policy_for(conn.peer, rule, request.policy, request.sets,
+                                      self.config.policy_dir)
+        if request.fds[3:] != tuple(policy.descriptors.pass_):
+            raise Refused(f"descriptors {list(request.fds)}: policy {policy.name} takes 0, 1, "
+                          f"2 and {list(policy.descriptors.pass_) or 'no other'}")
+        _check_outputs(fds)
+        return policy
+
+    def _start(self, conn: Connection, request: protocol.Request, policy: Policy,
+               fds: list[int]) -> None:
+        """Prepare the run as `compartment run` does and ask the spawner for the clone.  The
+        delivery owns the descriptors from here on, whatever happens."""
+        qmail = request.flags & protocol.CALLER_QMAIL
+        caller = Convention.QMAIL if qmail else Convention.SYSEXITS
+        agent = Convention(("qmail" if request.flags & protocol.AGENT_QMAIL else "sysexits")
+                           if request.flags & protocol.AGENT_GIVEN else policy.exit.agent_codes)
+        delivery = Delivery(request, policy, fds, caller, agent)
+        conn.delivery = delivery
+        std = (fds[0], fds[1], fds[2])
+        try:
+            delivery.prepared = prepared = prepare(request.argv, policy, std, request.env)
+            delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
+            passed = zip(request.fds[3:], fds[3:], strict=True)
+            handed = ((0, fds[0]), *watch_.agent_ends(), *passed)
+            ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            delivery.status = ours
+            try:
+                self.spawner.send(replace(prepared.plan, handed=handed), theirs.fileno())
+            finally:
+                theirs.close()
+        except ConfigError as err:
+            self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), policy.name, request.argv,
+                                    caller, delivery.started))
+            return
+        except Exception as err:  # noqa: BLE001 - this delivery's failure, not the daemon's
+            self._end(conn, _failed(delivery, f"{type(err).__name__}: {err}"))
+            return
+        self.spawning.append(conn)
+        self.stats.begin(policy.name, conn.peer.uid)
+        delivery.counted = True
+
+    def _on_spawner(self, events: int) -> None:
+        try:
+            pid, err = self.spawner.answer()
+        except OSError as error:
+            self.log.error(f"the spawner is gone ({error.strerror}): starting a new one")
+            self._restart_spawner()
+            return
+        conn = self.spawning.pop(0)
+        delivery = conn.delivery
+        assert delivery is not None and delivery.status is not None
+        if not pid:
+            self._end(conn, _failed(delivery, f"cannot clone: {os.strerror(err)}"))
+            return
+        delivery.watch.start(pid, delivery.status)
+        delivery.running = True
+        if conn.gone:
+            delivery.watch.kill(Outcome.INTERNAL_ERROR)
+        else:
+            self._send(conn, protocol.encode_accepted(delivery.watch.limits.wall_timeout_s))
+
+    def _restart_spawner(self) -> None:
+        for conn in self.spawning:
+            delivery = conn.delivery
+            assert delivery is not None
+            self._end(conn, _failed(delivery, "the spawner died"))
+        self.spawning.clear()
+        self.spawner.channel.close()
+        self.spawner.process.wait()
+        self.spawner = Spawner()
+
+    def _on_hangup(self, conn: Connection) -> None:
+        """Anything on a connection mid-delivery: the client left, or broke the protocol."""
+        conn.gone = True
+        delivery = conn.delivery
+        assert delivery is not None
+        delivery.watch.caller_error = "the client disconnected (or sent more than one request)"
+        if delivery.running:
+            delivery.watch.kill(Outcome.INTERNAL_ERROR)
+
+    def _on_watch(self, conn: Connection, fd: int, events: int) -> None:
+        delivery = conn.delivery
+        assert delivery is not None
+        delivery.watch.on_event(fd, events)
+        self._maybe_finish(conn)
+
+    def _maybe_finish(self, conn: Connection) -> None:
+        delivery = conn.delivery
+        if delivery is None or not delivery.running or not delivery.watch.finished:
+            return
+        delivery.watch.close()
+        try:
+            result = _classify(delivery.watch, delivery.prepared, delivery.policy,
+                               delivery.request.argv, delivery.caller, delivery.agent)
+        except Exception as err:  # noqa: BLE001 - a bug here must not take the daemon down
+            result = _failed(delivery, f"{type(err).__name__}: {err}")
+        self._end(conn, result, bytes(delivery.watch.diagnostics))
+
+    def _end(self, conn: Connection, result: Result, diagnostics: bytes = b"") -> None:
+        """The delivery is over: release what it held, answer, log, count."""
+        delivery = conn.delivery
+        assert delivery is not None
+        delivery.close()
+        policy = delivery.policy
+        self.stats.end(policy.name, conn.peer.uid, result, time.monotonic() - delivery.started,
+                       began=delivery.counted)
+        if not conn.gone:
+            self._answer(conn, result, diagnostics, delivery.caller, policy.report.path,
+                         delivery.request.report)
+        else:
+            self.log.delivery(conn.peer, result, "the client had disconnected")
+            self._close(conn)
+
+    def _guarded(self, conn: Connection, handler: Callable[..., None], *args: object) -> None:
+        """One connection's handler; a bug in it ends that delivery, never the daemon."""
+        try:
+            handler(*args)
+        except Exception as err:  # noqa: BLE001 - the daemon's catch-all, per connection
+            why = f"{type(err).__name__}: {err}"
+            self.log.error(f"{conn.peer}: internal error: {why}")
+            if conn.delivery is None:
+                self._refuse(conn, f"internal error: {why}")
+            elif conn in self.spawning:
+                conn.gone = True  # the spawner's answer ends it
+            else:
+                self._end(conn, _failed(conn.delivery, why))
+
+    def _answer(self, conn: Connection, result: Result, diagnostics: bytes, caller: Convention,
+                policy_report: str, peer_report: str) -> None:
+        problem = append(policy_report, result) if policy_report else None
+        if peer_report:  # the peer's file, written with the peer's own rights
+            with authorize.as_peer(conn.peer):
+                problem = append(peer_report, result) or problem
+        self._send(conn, _encode(result, stderr_text(result, diagnostics, caller, problem)))
+        self.log.delivery(conn.peer, result)
+        self._close(conn)
+
+    def _refuse(self, conn: Connection, reason: str) -> None:
+        """Answer a request that will not run: a temporary failure with the reason.  The
+        client puts the reason line in its caller's convention."""
+        self.log.refusal(conn.peer, reason)
+        result = failure(Outcome.CONFIG_ERROR, f"refused: {reason}", "", (), Convention.SYSEXITS)
+        self.stats.end("", conn.peer.uid, result, 0.0, began=False)
+        self._send(conn, _encode(result, b"", refused=True))
+        conn.lingering = True
+        conn.deadline = time.monotonic() + self.request_timeout_s
+
+    def _on_linger(self, conn: Connection) -> None:
+        """Read and drop whatever a refused client still sends, until it closes."""
+        try:
+            data, fds, _ = _receive(conn.sock)
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:
+            os.close(fd)
+        if not data and not fds:
+            self._close(conn)
+
+    def _send(self, conn: Connection, data: bytes) -> None:
+        try:
+            conn.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError as err:  # the client is gone or does not read: it will defer
+            conn.gone = True
+            if err.errno not in (errno.EPIPE, errno.ECONNRESET):
+                self.log.error(f"{conn.peer}: send: {err.strerror}")
+
+    def _close(self, conn: Connection) -> None:
+        self.connections.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+
+
+def _failed(delivery: Delivery, why: str) -> Result:
+    return failure(Outcome.INTERNAL_ERROR, f"internal error: {why}", delivery.policy.name,
+                   delivery.request.argv, delivery.caller, delivery.started)
+
+
+def _encode(result: Result, stderr: bytes, refused: bool = False) -> bytes:
+    fields = {name: getattr(result, name) for name in Result.__dataclass_fields__}
+    return protocol.encode_result({**fields, "stderr": stderr, "refused": refused})
+
+
+def _peer(sock: socket.socket) -> Peer:
+    import struct
+
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_PEERCRED, 12))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw)
+    except OSError:  # no SO_PEERGROUPS (Linux < 4.13): the primary group alone
+        groups = ()
+    return Peer(uid, gid, pid, (gid, *groups))
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int], str | None]:
+    """One request datagram and its descriptors; a refusal reason when it broke a bound."""
+    space = socket.CMSG_SPACE(4 * (protocol.MAX_FDS + 1))
+    data, ancillary, flags, _ = sock.recvmsg(protocol.MAX_REQUEST_BYTES + 1, space,
+                                             socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+    fds: list[int] = []
+    other = False
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(payload) - len(payload) % 4
+            fds += list(memoryview(payload[:whole]).cast("i"))
+        else:
+            other = True
+    if flags & socket.MSG_TRUNC:
+        return data, fds, f"request larger than {protocol.MAX_REQUEST_BYTES} bytes"
+    if flags & socket.MSG_CTRUNC or len(fds) > protocol.MAX_FDS:
+        return data, fds, f"more than {protocol.MAX_FDS} descriptors"
+    if other:
+        return data, fds, "ancillary data other than descriptors"
+    return data, fds, None
+
+
+def _check_outputs(fds: list[int]) -> None:
+    """The caller's stdout and stderr must be where a write cannot stall the daemon: a pipe
+    (written without blocking), a file, or /dev/null.  `compartment submit` relays anything
+    else (a terminal, a socket) through a pipe of its own."""
+    for name, fd in (("stdout", fds[1]), ("stderr", fds[2])):
+        info = os.fstat(fd)
+        mode = info.st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+                or (stat.S_ISCHR(mode) and info.st_rdev == _DEV_NULL)):
+            raise Refused(f"{name} must be a pipe, a file or /dev/null")
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise Refused(f"{name} is not open for writing")
+
+
+def _activated() -> bool:
+    """Did systemd pass us the listening socket (sd_listen_fds(3): LISTEN_PID, LISTEN_FDS)?"""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+        os.environ.get("LISTEN_FDS", "0").isdigit() and int(os.environ["LISTEN_FDS"]) >= 1
+
+
+def _listener(path: str, config: serveconfig.Config, activated: bool) -> socket.socket:
+    """The listening socket: systemd's (socket activation, fd 3), or one of ours at path."""
+    if activated:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        sock = socket.socket(fileno=3)
+        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+            raise OSError(errno.EINVAL, "the socket systemd passed is not a unix seqpacket one")
+        os.set_inheritable(3, False)
+        sock.setblocking(False)
+        return sock
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    _take_over(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    aside = f"{path}.new-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(aside)
+    sock.bind(aside)
+    _set_mode(aside, config)
+    sock.listen(128)
+    os.rename(aside, path)  # in place at once: a restart never leaves the path missing
+    sock.setblocking(False)
+    return sock
+
+
+def _set_mode(path: str, config: serveconfig.Config) -> None:
+    """Who may connect at all: the socket's group and mode from the configuration.  The path
+    is in a directory of root's, and checked to be a socket, not a link to something else."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(errno.EINVAL, f"{path} is not a socket")
+    os.chown(path, 0, 0 if config.socket_group is None else config.socket_group)
+    os.chmod(path, config.socket_mode())
+
+
+def _take_over(path: str) -> None:
+    """Refuse to start over a live daemon's socket; a stale one is replaced."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens: stale
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another compartment serve listens on {path}")
+
+
+def _notify(state: str) -> None:
+    """sd_notify(3) in a few lines: one datagram to $NOTIFY_SOCKET, if systemd set it."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return
+    target = "\0" + address[1:] if address[0] == "@" else address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock, \
+            contextlib.suppress(OSError):  # systemd gone: nothing to tell
+        sock.sendto(state.encode(), target)
