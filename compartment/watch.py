@@ -43,6 +43,7 @@ from compartment.policy import Limits
 DIAGNOSTIC_BYTES = 4096
 PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
+_SPILL_READ = 65536 - DIAGNOSTIC_BYTES  # with the diagnostics kept, one empty pipe's worth
 
 
 class Watch:
@@ -70,6 +71,7 @@ class Watch:
         self.caller_error = ""
         self._splice = True
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
+        self._pending = -1  # a pipe of ours holding spilled output the caller has not taken
         self._handlers: dict[int, Callable[[], bool]] = {}  # fd -> handler; False: done with it
         self._listening = False
 
@@ -183,7 +185,7 @@ class Watch:
         if room <= 0:
             return self._overflow(self.out_r)
         try:
-            moved = self._move(min(room, _CHUNK))
+            moved = self._move(self.out_r, min(room, _CHUNK))
         except BlockingIOError:
             # The caller's pipe is full: wait for it to have room (not past the deadline), and
             # leave the agent's output in its own pipe meanwhile, which stops the agent.
@@ -195,25 +197,54 @@ class Watch:
         return moved > 0
 
     def _on_writable(self) -> bool:
+        try:
+            if not self._flush():
+                return True  # still full: go on waiting
+        except OSError as err:
+            return self._caller_failed(err)
         self._handlers[self.out_r] = self._output_handler()
         return False
 
     def _output_handler(self) -> Callable[[], bool]:
         return self._on_diagnostics if self.merged else self._on_stdout
 
-    def _move(self, count: int) -> int:
+    def _move(self, source: int, count: int) -> int:
         while self._splice:
             try:
                 # Non-blocking on the pipes: a caller that stops reading must not hold the
                 # loop past the deadline (BlockingIOError goes up: wait for room).
-                return os.splice(self.out_r, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
+                return os.splice(source, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
                     raise
                 self._splice = False
-        data = os.read(self.out_r, count)
+        data = os.read(source, count)
         message.write_all(self.caller_out, data)
         return len(data)
+
+    def _spill(self, data: bytes) -> bool:
+        """Output that is more than diagnostics goes to the caller through a pipe of ours,
+        which holds it (data is at most an empty pipe's 64 KiB) while the caller has no room:
+        writing never blocks.  False: the caller is full, wait for room."""
+        self._pending, pending_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            message.write_all(pending_w, data)
+        finally:
+            os.close(pending_w)
+        return self._flush()
+
+    def _flush(self) -> bool:
+        """Move what is pending to the caller; False when the caller is full (and wait)."""
+        while self._pending >= 0:
+            try:
+                moved = self._move(self._pending, _CHUNK)
+            except BlockingIOError:
+                self._handlers[self.caller_out] = self._on_writable
+                return False
+            if not moved:
+                os.close(self._pending)
+                self._pending = -1
+        return True
 
     def _caller_failed(self, err: OSError) -> bool:
         self.caller_error = f"cannot write the agent's output: {err.strerror}"
@@ -227,19 +258,19 @@ class Watch:
         room = self.limits.output_bytes - self.bytes_out
         if room <= 0:
             return self._overflow(fd)
-        data = os.read(fd, min(room, 65536))
+        data = os.read(fd, min(room, _SPILL_READ))
         self.bytes_out += len(data)
         if self.merged and len(self.diagnostics) + len(data) >= DIAGNOSTIC_BYTES:
             # More than diagnostics: the caller gave one file for stdout and stderr (`> out
             # 2>&1`) and the agent writes real output.  All of it is passed on, none of it
             # dropped; a reason line of ours then comes last instead of first.
+            self._spilled = True
             try:
-                message.write_all(self.caller_out, bytes(self.diagnostics) + data)
+                flushed = self._spill(bytes(self.diagnostics) + data)
             except OSError as err:
                 return self._caller_failed(err)
             self.diagnostics.clear()
-            self._spilled = True
-            return True
+            return flushed  # False: paused, until the caller has room
         self.diagnostics += data[: DIAGNOSTIC_BYTES - len(self.diagnostics)]
         return bool(data)
 
@@ -251,10 +282,12 @@ class Watch:
         return False
 
     def close(self) -> None:
-        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener):
+        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
+                   self._pending):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
+        self._pending = -1
         if self.status is not None:
             self.status.close()
         if self.rusage is None and self.pid > 0:

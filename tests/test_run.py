@@ -306,6 +306,27 @@ def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path, size):
     assert record["wall_s"] < 2
 
 
+def test_a_caller_that_stops_reading_one_pipe_for_both_streams(tmp_path):
+    """Postfix's way: one pipe for stdout and stderr.  Output past the diagnostics spills to
+    it; while nobody reads it, the deadline still fires (the spill used to block the watch
+    until the caller read again, here 3 s later)."""
+    report = tmp_path / "r.jsonl"
+    cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--set",
+                            "limits.wall_timeout_s=0.5", "--", PYTHON, "-c",
+                            "import sys, time; out = sys.stdout.buffer; out.write(b'x' * 100);"
+                            "out.flush(); time.sleep(0.1); out.write(b'x' * (1 << 20))"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)
+        cli.communicate(timeout=20)  # now read: the reason line waits in the pipe too
+    finally:
+        cli.kill()
+    record = json.loads(report.read_text())
+    assert (cli.returncode, record["outcome"]) == (75, "timeout")
+    assert record["wall_s"] < 1.5
+
+
 def test_output_through_a_slow_pipe_arrives_whole():
     """The caller's 64 KiB pipe fills and drains many times over: nothing is lost."""
     message = os.urandom(8 << 20)
