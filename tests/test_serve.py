@@ -227,6 +227,33 @@ def test_a_terminal_as_stdout_is_relayed_by_the_client(daemon):
         os.close(terminal)
 
 
+def test_a_full_pipe_for_both_streams_does_not_stall_the_daemon(daemon):
+    """A client hands one pipe, already full, as stdout and stderr, and never reads it: its
+    delivery times out, and the daemon serves others meanwhile."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"f" * 65536)
+    except BlockingIOError:
+        os.set_blocking(write_end, True)  # full; and as a caller's pipe is
+    agent = ["/bin/sh", "-c", "echo first; sleep 0.1; head -c 200000 /dev/zero"]
+    client = subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket, "--set",
+                               "limits.wall_timeout_s=1", "--", *agent],
+                              stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end)
+    os.close(write_end)
+    try:
+        time.sleep(0.5)
+        assert daemon.submit(["/bin/echo", "served"]).stdout == b"served\n"
+        time.sleep(1.5)  # past the stalled delivery's deadline
+        while client.poll() is None:
+            os.read(read_end, 65536)  # now drain, so that the client can write its reason
+        assert client.returncode == 75
+    finally:
+        os.close(read_end)
+        client.kill()
+
+
 def test_a_silent_client_is_dropped_and_others_are_served(daemon):
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     silent.connect(daemon.socket)
