@@ -11,6 +11,7 @@ Sections (numbers as in issue 5):
   4 one 64 MiB message (MB/s), and supervisor peak RSS for 1, 64 and 512 MiB
   5 timeout: from the deadline to the last process of the compartment gone
   6 import time of the run path
+  8 the resident supervisor: compartment submit and compartment.submit vs bwrap (issue 10)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import baseline
 import measure
 import sections_api
+import sections_daemon
 import sections_other
 import sections_timeout
 from measure import Target
@@ -152,6 +154,7 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "4": sections_other.big_message,
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
+    "8": sections_daemon.daemon_path,
 }
 
 
