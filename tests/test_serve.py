@@ -374,3 +374,37 @@ def test_sighup_reloads_the_configuration(tmp_path):
         assert daemon.submit(["/bin/true"], user=PEER).status == 0
     finally:
         daemon.stop()
+
+
+def test_socket_activation_and_readiness_notification():
+    """As systemd starts it: the listening socket as fd 3 (LISTEN_PID, LISTEN_FDS), READY=1
+    and STOPPING=1 on $NOTIFY_SOCKET."""
+    directory = open_directory()
+    path = str(directory / "activated")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(directory / "notify"))
+    notify.settimeout(30)
+    launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '1'; "
+                "os.execv(sys.argv[2], sys.argv[2:])")
+    daemon = subprocess.Popen([PYTHON, "-c", launcher, str(listener.fileno()), daemon_command(),
+                               "serve", "--config", str(directory / "none.toml"), "--socket",
+                               str(directory / "not-this-one"), "--log", "stderr"],
+                              pass_fds=[listener.fileno()],
+                              env={**os.environ, "NOTIFY_SOCKET": str(directory / "notify")},
+                              stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener.close()
+    try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        done = subprocess.run([daemon_command(), "submit", "--socket", path, "--", "/bin/echo",
+                               "activated"], capture_output=True, timeout=60, check=False)
+        assert (done.returncode, done.stdout) == (0, b"activated\n")
+        daemon.terminate()
+        assert daemon.wait(timeout=30) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        daemon.kill()
+        notify.close()
