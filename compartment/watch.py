@@ -288,6 +288,7 @@ class Watch:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
         self._pending = -1
+        self._handlers = {}  # events still queued for closed descriptors are dropped
         if self.status is not None:
             self.status.close()
         if self.rusage is None and self.pid > 0:
