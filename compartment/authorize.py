@@ -46,12 +46,17 @@ def policy_for(peer: Peer, rule: Rule, name: str, sets: Sequence[str],
             raise Refused(f"--set {key} is not allowed for {peer} ({rule.where})")
     try:
         policy = _load(policy_dir, name, tuple(sets))
-        base = _load(policy_dir, name, ()) if sets else policy
+        if "*" in rule.set:
+            return policy
+        # The bounds are the policy's own values; with the request's paths, without which a
+        # policy that runs as the mailbox's owner is not complete.
+        paths = tuple(item for item, key in zip(sets, keys, strict=True)
+                      if SETTABLE.get(key) == "paths")
+        base = _load(policy_dir, name, paths)
     except PolicyError as err:
         raise Refused(f"policy: {err}") from None
-    if "*" not in rule.set:
-        for key in keys:
-            _check_bound(key, base, policy)
+    for key in keys:
+        _check_bound(key, base, policy)
     return policy
 
 

@@ -58,6 +58,7 @@ class Delivery:
         self.started = time.monotonic()
         self.running = False  # the spawner answered with a pid
         self.counted = False  # in the live statistics
+        self.ended = False  # answered: events still queued for it are dropped
 
     def close(self) -> None:
         """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
@@ -235,11 +236,17 @@ class Server:
             if request.kind == protocol.STATUS:
                 self._status(conn)
                 return
-            policy = self._authorize(conn, request, fds)
         except (Refused, protocol.ProtocolError) as err:
             for fd in fds:
                 os.close(fd)
             self._refuse(conn, str(err))
+            return
+        try:
+            policy = self._authorize(conn, request, fds)
+        except Refused as err:
+            for fd in fds:
+                os.close(fd)
+            self._refuse(conn, str(err), request)
             return
         self._start(conn, request, policy, fds)
 
@@ -332,16 +339,20 @@ class Server:
 
     def _on_hangup(self, conn: Connection) -> None:
         """Anything on a connection mid-delivery: the client left, or broke the protocol."""
-        conn.gone = True
         delivery = conn.delivery
         assert delivery is not None
+        if delivery.ended:
+            return
+        conn.gone = True
         delivery.watch.caller_error = "the client disconnected (or sent more than one request)"
         if delivery.running:
             delivery.watch.kill(Outcome.INTERNAL_ERROR)
 
     def _on_watch(self, conn: Connection, fd: int, events: int) -> None:
         delivery = conn.delivery
-        assert delivery is not None
+        assert delivery is not None and delivery.watch is not None
+        if delivery.ended:
+            return  # an event of the same poll() round, for a descriptor closed since
         delivery.watch.on_event(fd, events)
         self._maybe_finish(conn)
 
@@ -358,9 +369,12 @@ class Server:
         self._end(conn, result, bytes(delivery.watch.diagnostics))
 
     def _end(self, conn: Connection, result: Result, diagnostics: bytes = b"") -> None:
-        """The delivery is over: release what it held, answer, log, count."""
+        """The delivery is over: release what it held, answer, log, count.  Once."""
         delivery = conn.delivery
         assert delivery is not None
+        if delivery.ended:
+            return
+        delivery.ended = True
         delivery.close()
         policy = delivery.policy
         self.stats.end(policy.name, conn.peer.uid, result, time.monotonic() - delivery.started,
@@ -396,11 +410,20 @@ class Server:
         self.log.delivery(conn.peer, result)
         self._close(conn)
 
-    def _refuse(self, conn: Connection, reason: str) -> None:
+    def _refuse(self, conn: Connection, reason: str,
+                request: protocol.Request | None = None) -> None:
         """Answer a request that will not run: a temporary failure with the reason.  The
-        client puts the reason line in its caller's convention."""
+        client puts the reason line in its caller's convention.  A request that could be read
+        has its report line too, written as the peer, as `run` reports a policy error."""
         self.log.refusal(conn.peer, reason)
-        result = failure(Outcome.CONFIG_ERROR, f"refused: {reason}", "", (), Convention.SYSEXITS)
+        caller = Convention.QMAIL if request and request.flags & protocol.CALLER_QMAIL else \
+            Convention.SYSEXITS
+        result = failure(Outcome.CONFIG_ERROR, f"refused: {reason}",
+                         request.policy if request else "", request.argv if request else (),
+                         caller)
+        if request and request.report:
+            with authorize.as_peer(conn.peer):
+                append(request.report, result)  # a failure here has nowhere to be told
         self.stats.end("", conn.peer.uid, result, 0.0, began=False)
         self._send(conn, _encode(result, b"", refused=True))
         conn.lingering = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -104,6 +105,35 @@ def test_report_is_written_as_the_peer(daemon, tmp_path):
     denied = tmp_path / "root-only.jsonl"  # tmp_path is root's, 0700 to the peer
     done = daemon.submit(["/bin/true"], ["--report", str(denied)], user=PEER)
     assert done.status == 0 and b"report" in done.stderr and not denied.exists()
+
+
+def test_one_report_line_per_delivery_whatever_ends_it(daemon):
+    """A violation ends with several descriptors ready at once (listener, status, pidfd): the
+    delivery is answered and reported once, as what it was."""
+    directory = open_directory()
+    report = directory / "r.jsonl"
+    agents = [[PYTHON, "-I", "-c", "import socket; socket.socket(socket.AF_INET)"],
+              ["/bin/sh", "-c", "exit 3"], ["/bin/cat"]] * 4
+    for agent in agents:
+        daemon.submit(agent, ["--report", str(report)])
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["outcome"] for r in records] == ["violation", "agent-failed", "ok"] * 4
+
+
+def test_a_closed_watch_ignores_events_still_queued_for_it():
+    """The daemon's loop may hold events of one poll() round for a watch that an earlier event
+    of the same round finished and closed: they must be no-ops (they were a crash, and the
+    delivery was answered twice)."""
+    from compartment.watch import Watch
+
+    with open("/dev/null", "wb") as null:
+        watch = Watch(Policy.load("filter").limits, (0, null.fileno(), null.fileno()), {})
+        dummy = os.open("/dev/null", os.O_RDONLY)
+        watch.listener = dummy  # as if the agent's seccomp listener had come
+        watch._handlers = {dummy: watch._on_notification}
+        watch.close()
+        watch.on_event(dummy, select.POLLIN | select.POLLHUP)  # raised ValueError on fd -1
+    assert watch.finished
 
 
 def test_the_daemon_unreachable_is_a_temporary_failure(tmp_path):
