@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from compartment import authorize, protocol, serveconfig, watch
+from compartment import authorize, message, protocol, serveconfig, watch
 from compartment.api import _classify, failure, stderr_text
 from compartment.authorize import Peer, Refused
 from compartment.exits import Convention, Outcome
@@ -56,6 +56,8 @@ class Delivery:
         self.watch: watch.Watch | None = None
         self.status: socket.socket | None = None  # our end of the child's status socket
         self.started = time.monotonic()
+        self.spool: message.Spool | None = None  # the message being copied (message.stdin)
+        self.stdin = -1  # the copy, once made: the agent's stdin
         self.running = False  # the spawner answered with a pid
         self.counted = False  # in the live statistics
         self.ended = False  # answered: events still queued for it are dropped
@@ -67,6 +69,8 @@ class Delivery:
             self.watch.close()
         if self.status is not None:
             self.status.close()
+        if self.spool is not None:
+            self.spool.close()
         if self.prepared is not None and self.prepared.lease:
             self.prepared.lease.release()
             self.prepared.lease = None
@@ -144,6 +148,9 @@ class Server:
             if not conn.gone:
                 out[fd] = (select.POLLIN | select.POLLRDHUP,
                            lambda ev, c=conn: self._guarded(c, self._on_hangup, c))
+            if delivery.spool is not None:
+                out[delivery.fds[0]] = (select.POLLIN,
+                                        lambda ev, c=conn: self._guarded(c, self._on_spool, c))
             if delivery.running:
                 for wfd, events in delivery.watch.wanted().items():
                     out[wfd] = (events, lambda ev, c=conn, f=wfd: self._guarded(
@@ -153,7 +160,7 @@ class Server:
     def _timeout_ms(self) -> int | None:
         now, waits = time.monotonic(), []
         for conn in self.connections.values():
-            if conn.delivery is None:
+            if conn.delivery is None or conn.delivery.spool is not None:
                 waits.append(max(0, int((conn.deadline - now) * 1000) + 1))
             elif conn.delivery.running:
                 ms = conn.delivery.watch.poll_ms()
@@ -168,6 +175,14 @@ class Server:
                 self._close(conn)
             elif conn.delivery is None and now >= conn.deadline:
                 self._refuse(conn, f"no request within {self.request_timeout_s:g} s")
+            elif conn.delivery is not None and conn.delivery.spool is not None and \
+                    now >= conn.deadline:
+                delivery = conn.delivery
+                self._end(conn, failure(Outcome.TIMEOUT, "timed out after "
+                                        f"{delivery.policy.limits.wall_timeout_s:g} s, the "
+                                        "message still arriving", delivery.policy.name,
+                                        delivery.request.argv, delivery.caller,
+                                        delivery.started))
             elif conn.delivery is not None and conn.delivery.running:
                 conn.delivery.watch.check_deadline()
                 self._maybe_finish(conn)
@@ -275,20 +290,58 @@ class Server:
 
     def _start(self, conn: Connection, request: protocol.Request, policy: Policy,
                fds: list[int]) -> None:
-        """Prepare the run as `compartment run` does and ask the spawner for the clone.  The
-        delivery owns the descriptors from here on, whatever happens."""
+        """The delivery owns the descriptors from here on, whatever happens.  A policy that
+        wants a copy of the message (message.stdin) has it made first, without blocking."""
         qmail = request.flags & protocol.CALLER_QMAIL
         caller = Convention.QMAIL if qmail else Convention.SYSEXITS
         agent = Convention(("qmail" if request.flags & protocol.AGENT_QMAIL else "sysexits")
                            if request.flags & protocol.AGENT_GIVEN else policy.exit.agent_codes)
         delivery = Delivery(request, policy, fds, caller, agent)
         conn.delivery = delivery
-        std = (fds[0], fds[1], fds[2])
+        conn.deadline = delivery.started + policy.limits.wall_timeout_s  # for the copy
+        if policy.message.stdin == "direct":
+            self._launch(conn)
+            return
+        try:
+            mode = os.fstat(fds[0]).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+                raise message.MessageError(f"message.stdin = \"{policy.message.stdin}\": the "
+                                           "daemon copies a message from a pipe or a file only")
+            delivery.spool = message.Spool(fds[0], policy.message.stdin,
+                                           policy.message.max_bytes)
+        except (message.MessageError, OSError) as err:
+            self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), policy.name, request.argv,
+                                    caller, delivery.started))
+
+    def _on_spool(self, conn: Connection) -> None:
+        """Some more of the message into the copy; once it is all in, the run starts."""
+        delivery = conn.delivery
+        assert delivery is not None and delivery.spool is not None
+        if delivery.ended:
+            return
+        try:
+            if not delivery.spool.step():
+                return
+            delivery.stdin = delivery.spool.finish()
+        except message.MessageError as err:
+            self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), delivery.policy.name,
+                                    delivery.request.argv, delivery.caller, delivery.started))
+            return
+        delivery.fds.append(delivery.stdin)  # closed with the others at the end
+        delivery.spool = None
+        self._launch(conn)
+
+    def _launch(self, conn: Connection) -> None:
+        """Prepare the run as `compartment run` does and ask the spawner for the clone."""
+        delivery = conn.delivery
+        assert delivery is not None
+        request, policy, fds = delivery.request, delivery.policy, delivery.fds
+        std = (fds[0] if delivery.stdin < 0 else delivery.stdin, fds[1], fds[2])
         try:
             delivery.prepared = prepared = prepare(request.argv, policy, std, request.env)
             delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
-            passed = zip(request.fds[3:], fds[3:], strict=True)
-            handed = ((0, fds[0]), *watch_.agent_ends(), *passed)
+            passed = zip(request.fds[3:], fds[3:len(request.fds)], strict=True)
+            handed = ((0, std[0]), *watch_.agent_ends(), *passed)
             ours, theirs = socket.socketpair(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             delivery.status = ours
@@ -298,7 +351,7 @@ class Server:
                 theirs.close()
         except ConfigError as err:
             self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), policy.name, request.argv,
-                                    caller, delivery.started))
+                                    delivery.caller, delivery.started))
             return
         except Exception as err:  # noqa: BLE001 - this delivery's failure, not the daemon's
             self._end(conn, _failed(delivery, f"{type(err).__name__}: {err}"))

@@ -136,6 +136,29 @@ def test_a_closed_watch_ignores_events_still_queued_for_it():
     assert watch.finished
 
 
+SEEK = [PYTHON, "-I", "-c", "import os, sys; os.lseek(0, 0, 0); sys.stdout.buffer.write("
+        "os.read(0, 100)); os.lseek(0, 0, 0); sys.stdout.buffer.write(os.read(0, 5))"]
+
+
+@pytest.mark.parametrize("mode", ["memfd", "file"])
+def test_a_copy_of_the_message_when_the_policy_wants_one(daemon, mode):
+    """message.stdin = memfd or file: the agent reads a seekable copy, also of a pipe (made by
+    the daemon without blocking), as under `compartment run`."""
+    sets = ["--set", f"message.stdin={mode}"]
+    done = daemon.submit(SEEK, sets, b"from a file")
+    assert (done.status, done.stdout) == (0, b"from a filefrom "), done.stderr
+    client = subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket, *sets,
+                               "--", *SEEK], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    client.stdin.write(b"from a pipe, ")
+    client.stdin.flush()
+    time.sleep(0.3)  # the daemon has part of it, and serves others meanwhile
+    assert daemon.submit(["/bin/echo", "meanwhile"]).stdout == b"meanwhile\n"
+    out, _ = client.communicate(b"slowly", timeout=60)
+    assert (client.returncode, out) == (0, b"from a pipe, slowlyfrom ")
+    too_big = daemon.submit(["/bin/cat"], [*sets, "--set", "message.max_bytes=4"], b"12345")
+    assert too_big.status == 75 and b"larger than message.max_bytes" in too_big.stderr
+
+
 def test_the_daemon_unreachable_is_a_temporary_failure(tmp_path):
     for options, status, first in (([], 75, b"4.3.0 compartment: cannot reach the daemon"),
                                    (["--exit-codes", "qmail"], 111,
