@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import marshal
 import os
 import signal
@@ -86,13 +87,19 @@ def encode(plan: Plan, status: int) -> tuple[bytes, list[int]]:
         if source not in fds:
             fds.append(source)
         handed.append((target, fds.index(source)))
-    fs = plan.filesystem
-    entries = tuple(dataclasses.astuple(entry) for entry in fs.entries)
     data = marshal.dumps((_VERSION, plan.unprivileged, plan.hostname, plan.network is not None,
-                          plan.uid, plan.gid, (entries, fs.directories, fs.tmp_bytes, fs.proc),
-                          plan.last_cap, tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf,
-                          tuple(handed), plan.program, tuple(plan.argv), dict(plan.env)))
+                          plan.uid, plan.gid, _filesystem(plan.filesystem), plan.last_cap,
+                          tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf, tuple(handed),
+                          plan.program, tuple(plan.argv), dict(plan.env)))
     return data, fds
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(fs: rootfs.Plan) -> tuple[object, ...]:
+    """The root's plan as plain tuples, once per plan (rootfs keeps one per policy)."""
+    names = [field.name for field in dataclasses.fields(rootfs.Entry)]
+    entries = tuple(tuple(getattr(entry, name) for name in names) for entry in fs.entries)
+    return entries, fs.directories, fs.tmp_bytes, fs.proc
 
 
 _filters: dict[bytes, syscalls.PreparedFilter] = {}
