@@ -39,6 +39,10 @@ from compartment.supervisor import ConfigError, Prepared, prepare
 
 DEFAULT_SOCKET = "/run/compartment/socket"
 REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client is dropped
+# A delivery still running after this long tells its client how long it may take (ACCEPTED);
+# most end sooner, and their client is woken once, for the result.  Well under the client's
+# own first wait (client.START_WAIT_S).
+ACCEPTED_AFTER_S = 10.0
 MAX_CONNECTIONS = 1024
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _DEV_NULL = os.makedev(1, 3)
@@ -61,6 +65,7 @@ class Delivery:
         self.running = False  # the spawner answered with a pid
         self.counted = False  # in the live statistics
         self.ended = False  # answered: events still queued for it are dropped
+        self.accepted = False  # ACCEPTED sent (to a client whose delivery runs long)
 
     def close(self) -> None:
         """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
@@ -166,6 +171,9 @@ class Server:
                 ms = conn.delivery.watch.poll_ms()
                 if ms is not None:
                     waits.append(ms)
+                if not conn.delivery.accepted:
+                    accept_at = conn.delivery.watch.started + ACCEPTED_AFTER_S
+                    waits.append(max(0, int((accept_at - now) * 1000) + 1))
         return min(waits, default=None)
 
     def _expire(self) -> None:
@@ -186,6 +194,7 @@ class Server:
             elif conn.delivery is not None and conn.delivery.running:
                 conn.delivery.watch.check_deadline()
                 self._maybe_finish(conn)
+                self._maybe_accept(conn, now)
 
     def _on_wake(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -377,8 +386,15 @@ class Server:
         delivery.running = True
         if conn.gone:
             delivery.watch.kill(Outcome.INTERNAL_ERROR)
-        else:
-            self._send(conn, protocol.encode_accepted(delivery.watch.limits.wall_timeout_s))
+
+    def _maybe_accept(self, conn: Connection, now: float) -> None:
+        delivery = conn.delivery
+        assert delivery is not None and delivery.watch is not None
+        if delivery.ended or delivery.accepted or conn.gone or \
+                now < delivery.watch.started + ACCEPTED_AFTER_S:
+            return
+        delivery.accepted = True
+        self._send(conn, protocol.encode_accepted(delivery.watch.limits.wall_timeout_s))
 
     def _restart_spawner(self) -> None:
         for conn in self.spawning:

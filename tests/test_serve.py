@@ -159,6 +159,25 @@ def test_a_copy_of_the_message_when_the_policy_wants_one(daemon, mode):
     assert too_big.status == 75 and b"larger than message.max_bytes" in too_big.stderr
 
 
+def test_a_long_delivery_tells_its_client_how_long_to_wait(daemon, monkeypatch):
+    """Past ACCEPTED_AFTER_S the daemon sends the compartment's timeout; a client that heard
+    nothing gives up after its own first wait (a wedged daemon must not hold mail forever)."""
+    import compartment.client
+
+    monkeypatch.setattr(compartment.client, "START_WAIT_S", 2.0)
+    with open("/dev/null", "r+b") as null:
+        result = submit(["/bin/sleep", "12"], "filter", stdin=null.fileno(),
+                        stdout=null.fileno(), stderr=null.fileno(), socket_path=daemon.socket)
+    assert (result.outcome, result.exit_status) == (Outcome.INTERNAL_ERROR, 75)
+    assert "no answer from the daemon in time" in result.reason
+    monkeypatch.setattr(compartment.client, "START_WAIT_S", 11.0)  # past ACCEPTED_AFTER_S
+    with open("/dev/null", "r+b") as null:
+        result = submit(["/bin/sleep", "12"], "filter", stdin=null.fileno(),
+                        stdout=null.fileno(), stderr=null.fileno(), socket_path=daemon.socket,
+                        overrides=["limits.wall_timeout_s=20"])
+    assert (result.outcome, result.exit_status) == (Outcome.OK, 0)
+
+
 def test_the_daemon_unreachable_is_a_temporary_failure(tmp_path):
     for options, status, first in (([], 75, b"4.3.0 compartment: cannot reach the daemon"),
                                    (["--exit-codes", "qmail"], 111,
