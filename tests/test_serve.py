@@ -378,11 +378,11 @@ def test_64_concurrent_clients(daemon):
 
 def test_run_and_the_api_agree_on_a_result(daemon):
     policy = Policy.load("filter", {"limits.output_bytes": "10"})
+    flood = [PYTHON, "-I", "-c", "while True: print('x' * 100, flush=True)"]  # always killed
     with tempfile.TemporaryFile() as out, open("/dev/null", "rb") as null:
-        ran = run(["/bin/echo", "more than ten bytes"], policy, stdin=null, stdout=out,
-                  stderr=out)
-        got = submit(["/bin/echo", "more than ten bytes"], "filter", stdin=null.fileno(),
-                     stdout=out.fileno(), stderr=out.fileno(), socket_path=daemon.socket,
+        ran = run(flood, policy, stdin=null, stdout=out, stderr=out)
+        got = submit(flood, "filter", stdin=null.fileno(), stdout=out.fileno(),
+                     stderr=out.fileno(), socket_path=daemon.socket,
                      overrides=["limits.output_bytes=10"])
     for name in ("outcome", "exit_status", "reason", "agent_status", "agent_signal",
                  "bytes_in", "bytes_out", "program", "policy"):
