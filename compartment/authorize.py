@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 from compartment import syscalls
 from compartment.policy import Policy, PolicyError
-from compartment.serveconfig import POLICY_DIR, SETTABLE, Rule
+from compartment.serveconfig import SETTABLE, Rule
 
 
 class Refused(Exception):
@@ -35,9 +35,9 @@ class Peer:
         return f"uid {self.uid} (pid {self.pid})"
 
 
-def policy_for(peer: Peer, rule: Rule, name: str, sets: Sequence[str],
-               policy_dir: str = POLICY_DIR) -> Policy:
-    """The policy the request names, with its overrides, if the rule allows them."""
+def policy_for(peer: Peer, rule: Rule, name: str, sets: Sequence[str]) -> Policy:
+    """The policy the request names, with its overrides, if the rule allows them.  The name is
+    a name (protocol.py): a peer never has a file of its own read as a policy."""
     if "*" not in rule.policies and name not in rule.policies:
         raise Refused(f"policy {name} is not allowed for {peer} ({rule.where})")
     keys = [item.partition("=")[0] for item in sets]
@@ -45,14 +45,14 @@ def policy_for(peer: Peer, rule: Rule, name: str, sets: Sequence[str],
         if not rule.allows_set(key):
             raise Refused(f"--set {key} is not allowed for {peer} ({rule.where})")
     try:
-        policy = _load(policy_dir, name, tuple(sets))
+        policy = _load(name, tuple(sets))
         if "*" in rule.set:
             return policy
         # The bounds are the policy's own values; with the request's paths, without which a
         # policy that runs as the mailbox's owner is not complete.
         paths = tuple(item for item, key in zip(sets, keys, strict=True)
                       if SETTABLE.get(key) == "paths")
-        base = _load(policy_dir, name, paths)
+        base = _load(name, paths)
     except PolicyError as err:
         raise Refused(f"policy: {err}") from None
     for key in keys:
@@ -87,15 +87,11 @@ def forget_policies() -> None:
     _load.cache_clear()
 
 
-def load_named(name: str, sets: Sequence[str] = (), policy_dir: str = POLICY_DIR) -> Policy:
-    """The administrator's /etc/compartment/policies/NAME.toml, else the shipped NAME."""
-    mine = os.path.join(policy_dir, f"{name}.toml")
-    return Policy.load(mine if os.path.exists(mine) else name, sets)
-
-
 @functools.lru_cache(maxsize=256)
-def _load(policy_dir: str, name: str, sets: tuple[str, ...]) -> Policy:
-    return load_named(name, sets, policy_dir)
+def _load(name: str, sets: tuple[str, ...]) -> Policy:
+    """By name only: the administrator's /etc/compartment/policies/NAME.toml, else the shipped
+    one (Policy.load, which refuses a file others could rewrite)."""
+    return Policy.load(name, sets)
 
 
 def _check_bound(key: str, base: Policy, policy: Policy) -> None:

@@ -35,7 +35,7 @@ DEFAULT_SOCKET = "/run/compartment/socket"
 START_WAIT_S = 120.0  # for the daemon to start the compartment (it answers in milliseconds)
 END_GRACE_S = 30.0  # after the compartment's own wall-clock timeout
 USAGE = ("usage: compartment submit [-p POLICY] [--exit-codes sysexits|qmail] "
-         "[--agent-exit-codes sysexits|qmail]\n"
+         "[--agent-exit-codes caller|sysexits|qmail]\n"
          "                          [--report PATH] [--set KEY=VALUE]... [--fd N]... "
          "[--socket PATH] -- PROGRAM [ARG...]\n")
 _S_IFMT, _S_IFIFO, _S_IFREG, _S_IFCHR = 0o170000, 0o010000, 0o100000, 0o020000
@@ -213,8 +213,10 @@ _TAKES_VALUE = {"-p": _set_policy, "--policy": _set_policy, "--exit-codes": _set
 
 
 def _convention(value: str, option: str) -> str:
-    if value not in ("sysexits", "qmail"):
-        raise Failed(f"compartment submit: {option} {value}: expected sysexits or qmail")
+    allowed = ("caller", "sysexits", "qmail") if option == "--agent-exit-codes" else \
+        ("sysexits", "qmail")
+    if value not in allowed:
+        raise Failed(f"compartment submit: {option} {value}: expected {' or '.join(allowed)}")
     return value
 
 
@@ -227,8 +229,9 @@ def _ask(options: Options, std: tuple[int, int, int],
          environment: Mapping[bytes, bytes]) -> tuple[dict[str, Any], bytes]:
     """Send the request, wait for the result: (the result's fields, the caller's stderr)."""
     flags = protocol.CALLER_QMAIL if options.caller_qmail else 0
-    if options.agent:
-        flags |= protocol.AGENT_GIVEN | (protocol.AGENT_QMAIL if options.agent == "qmail" else 0)
+    if options.agent:  # "caller": the caller's own, which the request says as such
+        qmail = options.agent == "qmail" or (options.agent == "caller" and options.caller_qmail)
+        flags |= protocol.AGENT_GIVEN | (protocol.AGENT_QMAIL if qmail else 0)
     report = options.report
     if report and not report.startswith("/"):
         report = posix.getcwd() + "/" + report

@@ -5,14 +5,12 @@ as trusted as root — root's, writable by no one else, and so every directory a
 an error naming the path.  A missing file means: only root may connect.  It is checked field by
 field like a policy; errors name the file, the rule and the key.
 
-    policy_dir = "/etc/compartment/policies"  # the administrator's policies, by name
-
     [socket]
     group = "mail"                    # the socket is root:mail 0660 (default: 0666 with rules)
 
     [[allow]]                         # the first rule that matches the peer applies
     user = "postfix"                  # or group = "mail": one of the two, a name or a number
-    policies = ["deliver", "filter"]  # policy_dir/NAME.toml, else the shipped NAME
+    policies = ["deliver", "filter"]  # /etc/compartment/policies/NAME.toml, or shipped
     set = ["limits.wall_timeout_s", "filesystem.writable"]  # --set keys it may give
     deliver_as_owner = ["/home/*/Maildir"]  # writable dirs it may name beyond its own
     max_live = 8                      # its compartments at once
@@ -25,6 +23,7 @@ seccomp, network, descriptors or the report path of the policy.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -33,10 +32,10 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from compartment import paths
 from compartment.policy_fields import NAME_RE
 
 DEFAULT_PATH = "/etc/compartment/serve.toml"
-POLICY_DIR = "/etc/compartment/policies"
 
 # --set keys a rule may grant, and how the daemon bounds each (compartment.authorize):
 # "lower": at most the policy's own value; "tighten": a boolean only turned on; "paths": each path
@@ -84,7 +83,6 @@ class Config:
     source: str
     rules: tuple[Rule, ...]
     socket_group: int | None = None
-    policy_dir: str = POLICY_DIR
 
     def rule_for(self, uid: int, groups: tuple[int, ...]) -> Rule | None:
         """The rule for a peer (its uid, its gid and supplementary groups); None: refused."""
@@ -103,7 +101,6 @@ class Config:
     def describe(self) -> str:
         """The resolved configuration, as `compartment check --serve` prints it."""
         lines = [f"# server configuration from {self.source}",
-                 f'policy_dir = "{self.policy_dir}"',
                  f"# socket mode {self.socket_mode():04o}" + (
                      f", group {_group_name(self.socket_group)}"
                      if self.socket_group is not None else "")]
@@ -132,13 +129,10 @@ def load(path: str = DEFAULT_PATH) -> Config:
 
 
 def parse(source: str, document: dict[str, Any]) -> Config:
-    unknown = set(document) - {"allow", "socket", "policy_dir"}
+    unknown = set(document) - {"allow", "socket"}
     if unknown:
-        raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r} (expected allow, "
-                          "socket or policy_dir)")
-    policy_dir = document.get("policy_dir", POLICY_DIR)
-    if not isinstance(policy_dir, str) or not policy_dir.startswith("/"):
-        raise ConfigError(f"{source}: policy_dir: expected an absolute path")
+        raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r} (expected allow or "
+                          "socket)")
     socket_table = document.get("socket", {})
     if not isinstance(socket_table, dict) or set(socket_table) - {"group"}:
         raise ConfigError(f"{source}: [socket]: expected a table with only group")
@@ -148,8 +142,7 @@ def parse(source: str, document: dict[str, Any]) -> Config:
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ConfigError(f"{source}: allow: expected [[allow]] tables")
     return Config(source, tuple(_rule(f"{source}: allow[{i + 1}]", table)
-                                for i, table in enumerate(rules)), socket_group,
-                  os.path.normpath(policy_dir))
+                                for i, table in enumerate(rules)), socket_group)
 
 
 def _rule(where: str, table: dict[str, Any]) -> Rule:
@@ -237,36 +230,18 @@ def _group_name(gid: int | None) -> str:
 
 def _read_trusted(path: str) -> str:
     """The file's text, if it and every directory above it are root's and writable by no one
-    else (a sticky directory such as /tmp may be, when the entry below it is root's)."""
-    # To be replaced by compartment.paths.open_trusted once it is in main: the same rule, but
-    # resolved one component at a time from one descriptor.
-    real = os.path.abspath(path)
-    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    else (compartment.paths.open_trusted: resolved once, no link but root's followed)."""
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{real}: not a regular file")
-        _check_trusted(real, info, sticky_ok=False)
-        entry, directory = info, os.path.dirname(real)
-        while True:
-            above = os.lstat(directory)
-            _check_trusted(directory, above, sticky_ok=entry.st_uid == 0)
-            if directory == "/":
-                break
-            entry, directory = above, os.path.dirname(directory)
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(1 << 20)
-    finally:
-        os.close(fd)
+        fd = paths.open_trusted(path, os.O_RDONLY | os.O_NONBLOCK)
+    except paths.PathError as err:
+        if err.errno == errno.ENOENT:
+            raise FileNotFoundError(path) from None
+        raise ConfigError(str(err)) from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        data = file.read(1 << 20)
     try:
         return data.decode()
     except UnicodeDecodeError:
-        raise ConfigError(f"{real}: not UTF-8 text") from None
-
-
-def _check_trusted(path: str, info: os.stat_result, sticky_ok: bool) -> None:
-    writable = info.st_mode & 0o022 and not (sticky_ok and info.st_mode & stat.S_ISVTX)
-    if info.st_uid != 0 or writable:
-        raise ConfigError(f"{path}: owned by uid {info.st_uid} with mode "
-                          f"{stat.S_IMODE(info.st_mode):04o}: a file root reads must be root's "
-                          "and writable by no one else")
+        raise ConfigError(f"{path}: not UTF-8 text") from None

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from compartment import authorize, message, protocol, serveconfig, watch
-from compartment.api import _classify, failure, stderr_text
+from compartment.api import _classify, agent_convention, failure, stderr_text
 from compartment.authorize import Peer, Refused
 from compartment.exits import Convention, Outcome
 from compartment.policy import Policy
@@ -61,7 +61,8 @@ class Delivery:
         self.status: socket.socket | None = None  # our end of the child's status socket
         self.started = time.monotonic()
         self.spool: message.Spool | None = None  # the message being copied (message.stdin)
-        self.stdin = -1  # the copy, once made: the agent's stdin
+        self.stdin = -1  # the agent's stdin: the copy, or the caller's read-only
+        self.stack = contextlib.ExitStack()  # what read_only opened, undone at the end
         self.running = False  # the spawner answered with a pid
         self.counted = False  # in the live statistics
         self.ended = False  # answered: events still queued for it are dropped
@@ -76,6 +77,9 @@ class Delivery:
             self.status.close()
         if self.spool is not None:
             self.spool.close()
+        if self.prepared is not None:
+            self.prepared.close_paths()
+        self.stack.close()
         if self.prepared is not None and self.prepared.lease:
             self.prepared.lease.release()
             self.prepared.lease = None
@@ -289,8 +293,7 @@ class Server:
         if live >= rule.max_live:
             raise Refused(f"{conn.peer} has {live} compartments running, its limit "
                           f"({rule.where}: max_live)")
-        policy = authorize.policy_for(conn.peer, rule, request.policy, request.sets,
-                                      self.config.policy_dir)
+        policy = authorize.policy_for(conn.peer, rule, request.policy, request.sets)
         if request.fds[3:] != tuple(policy.descriptors.pass_):
             raise Refused(f"descriptors {list(request.fds)}: policy {policy.name} takes 0, 1, "
                           f"2 and {list(policy.descriptors.pass_) or 'no other'}")
@@ -303,9 +306,9 @@ class Server:
         wants a copy of the message (message.stdin) has it made first, without blocking."""
         qmail = request.flags & protocol.CALLER_QMAIL
         caller = Convention.QMAIL if qmail else Convention.SYSEXITS
-        agent = Convention(("qmail" if request.flags & protocol.AGENT_QMAIL else "sysexits")
-                           if request.flags & protocol.AGENT_GIVEN else policy.exit.agent_codes)
-        delivery = Delivery(request, policy, fds, caller, agent)
+        named = None if not request.flags & protocol.AGENT_GIVEN else \
+            "qmail" if request.flags & protocol.AGENT_QMAIL else "sysexits"
+        delivery = Delivery(request, policy, fds, caller, agent_convention(policy, caller, named))
         conn.delivery = delivery
         conn.deadline = delivery.started + policy.limits.wall_timeout_s  # for the copy
         if policy.message.stdin == "direct":
@@ -345,8 +348,12 @@ class Server:
         delivery = conn.delivery
         assert delivery is not None
         request, policy, fds = delivery.request, delivery.policy, delivery.fds
-        std = (fds[0] if delivery.stdin < 0 else delivery.stdin, fds[1], fds[2])
         try:
+            if delivery.stdin < 0:  # direct: read-only, opened again (if need be) as the peer
+                with authorize.as_peer(conn.peer):
+                    delivery.stdin = delivery.stack.enter_context(
+                        message.read_only((fds[0], fds[1], fds[2]), policy.message.max_bytes))
+            std = (delivery.stdin, fds[1], fds[2])
             delivery.prepared = prepared = prepare(request.argv, policy, std, request.env)
             delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
             passed = zip(request.fds[3:], fds[3:len(request.fds)], strict=True)
@@ -358,7 +365,8 @@ class Server:
                 self.spawner.send(replace(prepared.plan, handed=handed), theirs.fileno())
             finally:
                 theirs.close()
-        except ConfigError as err:
+                prepared.close_paths()  # the spawner has its copies, or there is no child
+        except (ConfigError, message.MessageError) as err:
             self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), policy.name, request.argv,
                                     delivery.caller, delivery.started))
             return

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import marshal
 import os
 import signal
@@ -79,29 +78,29 @@ class Spawner:
 
 
 def encode(plan: Plan, status: int) -> tuple[bytes, list[int]]:
-    """The plan as marshal data; its descriptors become indexes into the list sent along,
-    the status socket first.  The shared network namespace is the spawner's own."""
+    """The plan as marshal data; its descriptors — the handed ones and those of the named
+    paths' mounts — become indexes into the list sent along, the status socket first.  The
+    shared network namespace is the spawner's own."""
     fds = [status]
-    handed = []
-    for target, source in plan.handed:
-        if source not in fds:
-            fds.append(source)
-        handed.append((target, fds.index(source)))
+
+    def index(fd: int) -> int:
+        if fd not in fds:
+            fds.append(fd)
+        return fds.index(fd)
+
+    handed = tuple((target, index(source)) for target, source in plan.handed)
+    fs = plan.filesystem
+    entries = tuple((*(getattr(entry, name) for name in _ENTRY_FIELDS),
+                     index(entry.fd) if entry.fd >= 0 else -1) for entry in fs.entries)
     data = marshal.dumps((_VERSION, plan.unprivileged, plan.hostname, plan.network is not None,
-                          plan.uid, plan.gid, _filesystem(plan.filesystem), plan.last_cap,
-                          tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf, tuple(handed),
-                          plan.program, tuple(plan.argv), dict(plan.env)))
+                          plan.uid, plan.gid, (entries, fs.directories, fs.tmp_bytes, fs.proc),
+                          plan.last_cap, tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf,
+                          handed, plan.program, tuple(plan.argv), dict(plan.env)))
     return data, fds
 
 
-@functools.lru_cache(maxsize=64)
-def _filesystem(fs: rootfs.Plan) -> tuple[object, ...]:
-    """The root's plan as plain tuples, once per plan (rootfs keeps one per policy)."""
-    names = [field.name for field in dataclasses.fields(rootfs.Entry)]
-    entries = tuple(tuple(getattr(entry, name) for name in names) for entry in fs.entries)
-    return entries, fs.directories, fs.tmp_bytes, fs.proc
-
-
+_ENTRY_FIELDS = tuple(field.name for field in dataclasses.fields(rootfs.Entry)
+                      if field.name != "fd")
 _filters: dict[bytes, syscalls.PreparedFilter] = {}
 
 
@@ -116,11 +115,17 @@ def decode(data: bytes, fds: list[int]) -> Plan:
     return Plan(unprivileged=unprivileged, hostname=hostname,
                 network=namespaces.shared_network() if shared_network else None,
                 uid=uid, gid=gid,
-                filesystem=rootfs.Plan(tuple(rootfs.Entry(*e) for e in entries), directories,
+                filesystem=rootfs.Plan(tuple(_entry(e, fds) for e in entries), directories,
                                        tmp_bytes, proc),
                 last_cap=last_cap, rlimits=rlimits, seccomp=_filters[bpf],
                 handed=tuple((target, fds[index]) for target, index in handed),
                 program=program, argv=argv, env=env)
+
+
+def _entry(fields: tuple[object, ...], fds: list[int]) -> rootfs.Entry:
+    *values, index = fields
+    named = dict(zip(_ENTRY_FIELDS, values, strict=True))
+    return rootfs.Entry(**named, fd=fds[index] if index >= 0 else -1)  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -8,6 +8,10 @@ Supervisor side, one thread, one poll() loop over descriptors only:
 - the seccomp listener: a notification is a denied syscall; its number is all we read;
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
+  A caller's stdout or stderr that cannot be written (closed when the command started, or
+  opened read-only) gets no pipe: the agent is handed /dev/null opened read-only there, so
+  its writes fail with EBADF as they would unconfined (and, unlike a closed number, no file
+  it opens lands there and takes what it meant for the caller).
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
 whole compartment is killed through the pidfd.
 
@@ -47,16 +51,26 @@ _SPILL_READ = 65536 - DIAGNOSTIC_BYTES  # with the diagnostics kept, one empty p
 
 
 class Watch:
-    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
+    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
+                 learner: Callable[[int, bytes], None] | None = None) -> None:
         self.limits, self.names = limits, names
+        # `compartment learn` only (compartment.learn.listener): it records and answers each
+        # notification itself, and nothing is killed for one.  None on every delivery path.
+        self.learner = learner
         self.caller_out = fds[1]
+        writable = _writable(fds[1]), _writable(fds[2])
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
         # agent writes is diagnostics, kept (bounded) so our reason line can come first.
-        self.merged = _same_file(fds[1], fds[2])
-        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
-        self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # over the per-user pipe budget: slower, not wrong
-            fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self.merged = all(writable) and _same_file(fds[1], fds[2])
+        self.out_r, self.out_w = _pipe(writable[0])
+        self.err_r, self.err_w = _pipe(writable[1] and not self.merged)
+        # Handed to the agent where the caller cannot be written: writes fail with EBADF.
+        self.unwritable = -1
+        if not all(writable):
+            self.unwritable = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        if self.out_w >= 0:
+            with contextlib.suppress(OSError):  # over the per-user pipe budget: slower
+                fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.pid = self.pidfd = self.listener = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
@@ -76,8 +90,9 @@ class Watch:
         self._listening = False
 
     def agent_ends(self) -> list[tuple[int, int]]:
-        err = self.out_w if self.merged else self.err_w
-        return [(1, self.out_w), (2, err)]
+        out = self.out_w if self.out_w >= 0 else self.unwritable
+        err = self.out_w if self.merged else self.err_w if self.err_w >= 0 else self.unwritable
+        return [(1, out), (2, err)]
 
     def start(self, pid: int, status: socket.socket) -> None:
         self.started = time.monotonic()
@@ -88,9 +103,10 @@ class Watch:
                 os.close(fd)
         self.out_w = self.err_w = -1
         self.deadline = self.started + self.limits.wall_timeout_s
-        self._handlers = {self.pidfd: self._on_exit, status.fileno(): self._on_status,
-                          self.out_r: self._output_handler()}
-        if not self.merged:
+        self._handlers = {self.pidfd: self._on_exit, status.fileno(): self._on_status}
+        if self.out_r >= 0:
+            self._handlers[self.out_r] = self._output_handler()
+        if self.err_r >= 0:
             self._handlers[self.err_r] = self._on_diagnostics
 
     def wanted(self) -> dict[int, int]:
@@ -174,6 +190,9 @@ class Watch:
         except OSError as err:
             # ENOENT: the task died before we read its notification; there may be others.
             return err.errno == errno.ENOENT
+        if self.learner is not None:
+            self.learner(self.listener, bytes(notification))
+            return True
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:
             self.denied_syscall = self.names.get(number, f"syscall {number}")
@@ -214,8 +233,12 @@ class Watch:
                 # Non-blocking on the pipes: a caller that stops reading must not hold the
                 # loop past the deadline (BlockingIOError goes up: wait for room).
                 return os.splice(source, self.caller_out, count, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                raise  # the caller is full (or the agent's pipe empty): wait for room
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
+                    if not _pending(source):
+                        return 0  # the agent's end of file, which splice reports as the error
                     raise
                 self._splice = False
         data = os.read(source, count)
@@ -283,11 +306,11 @@ class Watch:
 
     def close(self) -> None:
         for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
-                   self._pending):
+                   self._pending, self.unwritable):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
-        self._pending = -1
+        self._pending = self.unwritable = -1
         self._handlers = {}  # events still queued for closed descriptors are dropped
         if self.status is not None:
             self.status.close()
@@ -309,6 +332,24 @@ def sync(poller: select.poll, registered: dict[int, int], wanted: dict[int, int]
         if registered.get(fd) != events:
             poller.register(fd, events)  # registering again modifies
             registered[fd] = events
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    import termios  # only on an error path: it costs half a millisecond to import
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+def _pipe(wanted: bool) -> tuple[int, int]:
+    return os.pipe2(os.O_CLOEXEC) if wanted else (-1, -1)
+
+
+def _writable(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return False  # not open: nothing can be written there
 
 
 def _same_file(a: int, b: int) -> bool:

@@ -111,14 +111,20 @@ class Daemon:
                user: int | None = None, stdout=None, stderr=None,
                timeout_s: float = 60) -> Submitted:
         """`compartment submit` as a whole process, as an MTA runs it (as `user`, or root)."""
-        with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, \
+        with tempfile.TemporaryFile() as spool, tempfile.TemporaryFile() as out, \
                 tempfile.TemporaryFile() as err:
-            stdin.write(message)
-            stdin.seek(0)
+            spool.write(message)
+            spool.flush()
+            # Read-only, as an MTA hands the message (qmail's queue file, a pipe).
+            stdin = os.open(f"/proc/self/fd/{spool.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
             ids = {} if user is None else {"user": user, "group": user, "extra_groups": []}
-            done = subprocess.run([COMMAND, "submit", "--socket", self.socket, *options, "--",
-                                   *argv], stdin=stdin, stdout=stdout or out,
-                                  stderr=stderr or err, timeout=timeout_s, check=False, **ids)
+            try:
+                done = subprocess.run([COMMAND, "submit", "--socket", self.socket, *options,
+                                       "--", *argv], stdin=stdin, stdout=stdout or out,
+                                      stderr=stderr or err, timeout=timeout_s, check=False,
+                                      **ids)
+            finally:
+                os.close(stdin)
             out.seek(0)
             err.seek(0)
             return Submitted(done.returncode, out.read(), err.read())
