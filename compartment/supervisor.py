@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compartment import paths, rootfs, syscall_filter, syscalls, uidpool
@@ -40,8 +40,14 @@ class Prepared:
         close_all(self.opened, self.trees)
 
 
+# Opens the program (argv[0], the search path) and the paths a policy names: (program, path ->
+# descriptor).  The default opens them as this process may; the resident supervisor's opens
+# those a peer named as that peer may (compartment.authorize).
+Opener = Callable[[str, str, Policy], tuple[str, dict[str, int]]]
+
+
 def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
-            env: Mapping[str, str] | None) -> Prepared:
+            env: Mapping[str, str] | None, opener: Opener | None = None) -> Prepared:
     """Parent side, before clone: everything the child needs, checked here where errors are
     cheap and precise."""
     if not argv:
@@ -56,7 +62,8 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
     unprivileged = os.geteuid() != 0
     last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
-    program, opened = _open_paths(argv[0], agent_env.get("PATH", "/usr/bin:/bin"), policy)
+    program, opened = (opener or _open_paths)(argv[0], agent_env.get("PATH", "/usr/bin:/bin"),
+                                              policy)
     trees: list[int] = []
     try:
         fs = rootfs.plan(policy.filesystem, program, opened)
