@@ -354,7 +354,8 @@ class Server:
                     delivery.stdin = delivery.stack.enter_context(
                         message.read_only((fds[0], fds[1], fds[2]), policy.message.max_bytes))
             std = (delivery.stdin, fds[1], fds[2])
-            delivery.prepared = prepared = prepare(request.argv, policy, std, request.env)
+            opener = authorize.opener(conn.peer, conn.rule, request.sets)
+            delivery.prepared = prepared = prepare(request.argv, policy, std, request.env, opener)
             delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
             passed = zip(request.fds[3:], fds[3:len(request.fds)], strict=True)
             handed = ((0, std[0]), *watch_.agent_ends(), *passed)
@@ -366,8 +367,11 @@ class Server:
             finally:
                 theirs.close()
                 prepared.close_paths()  # the spawner has its copies, or there is no child
-        except (ConfigError, message.MessageError) as err:
-            self._end(conn, failure(Outcome.CONFIG_ERROR, str(err), policy.name, request.argv,
+        except (ConfigError, message.MessageError, Refused) as err:
+            why = f"refused: {err}" if isinstance(err, Refused) else str(err)
+            if isinstance(err, Refused):
+                self.log.refusal(conn.peer, str(err))
+            self._end(conn, failure(Outcome.CONFIG_ERROR, why, policy.name, request.argv,
                                     delivery.caller, delivery.started))
             return
         except Exception as err:  # noqa: BLE001 - this delivery's failure, not the daemon's

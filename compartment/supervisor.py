@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compartment import paths, rootfs, syscall_filter, syscalls, uidpool
@@ -117,7 +117,7 @@ def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, 
     """The program and every named path, each opened once: (program, path -> descriptor)."""
     opened = open_named(policy)
     try:
-        program, program_fd = _resolve(name, search)
+        program, program_fd = resolve(name, search)
     except BaseException:
         close_all(opened)
         raise
@@ -194,9 +194,10 @@ def _identity(policy: Policy, unprivileged: bool,
     return int(ident.uid), int(ident.gid), None
 
 
-def _resolve(name: str, search: str) -> tuple[str, int]:
-    """The program's path and an O_PATH descriptor of it, opened once (compartment.paths).  A
-    name without a slash is looked for on the policy's PATH, the system's own directories."""
+def resolve(name: str, search: str, trusted: Collection[int] | None = None) -> tuple[str, int]:
+    """The program's path and an O_PATH descriptor of it, opened once (compartment.paths),
+    following only links `trusted` uids own (default: paths.trusted_owners()).  A name without
+    a slash is looked for on the policy's PATH, the system's own directories."""
     found = name if "/" in name else next(
         (os.path.join(d, name) for d in search.split(":")
          if os.access(os.path.join(d, name), os.X_OK)), None)
@@ -205,7 +206,8 @@ def _resolve(name: str, search: str) -> tuple[str, int]:
                           f"the policy's PATH {search})")
     program = os.path.normpath(found)
     try:
-        fd = paths.open_path(program, trusted=paths.trusted_owners())
+        fd = paths.open_path(program, trusted=paths.trusted_owners() if trusted is None
+                             else trusted)
     except paths.PathError as err:
         raise ConfigError(f"program {err}") from None
     info = os.fstat(fd)

@@ -20,7 +20,7 @@ from compartment import Outcome, Policy, protocol, run, submit
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="compartment serve runs as root (as "
                                 "CI does)")
-POOL = (63100, 63199)  # a uid range of these tests alone, to see what is left running
+POOL = (65100, 65199)  # a uid range of these tests alone (the soak draws 63000-64999)
 IN_POOL = [f"--set=identity.uid_pool={POOL[0]}-{POOL[1]}"]
 PEER = 64010  # an unprivileged peer (no passwd entry needed)
 STRANGER = 64011  # a peer no rule names
