@@ -409,6 +409,31 @@ def test_sigkill_mid_delivery_defers_every_message_and_a_restart_serves(tmp_path
         daemon.stop()
 
 
+def test_a_child_whose_supervisor_died_before_its_parent_death_signal_stops():
+    """The parent-death signal is set after the clone: a supervisor (daemon) killed before that
+    leaves a child no signal will reach.  It sees the status socket hung up, and stops."""
+    from compartment.confine import session
+
+    def child_status(close_other_end: bool) -> int:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if close_other_end:
+            ours.close()
+        pid = os.fork()
+        if pid == 0:
+            if not close_other_end:
+                ours.close()  # the parent still holds its copy
+            session.supervisor_alive(theirs)
+            os._exit(0)
+        theirs.close()
+        status = os.waitpid(pid, 0)[1]
+        if not close_other_end:
+            ours.close()
+        return os.waitstatus_to_exitcode(status)
+
+    assert child_status(close_other_end=False) == 0
+    assert child_status(close_other_end=True) == 1
+
+
 def test_sigterm_finishes_what_runs_and_refuses_new_work(tmp_path):
     daemon = Daemon().start()
     client = subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket, "--",

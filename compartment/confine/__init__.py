@@ -94,7 +94,7 @@ def enter(plan: Plan, status: socket.socket) -> None:
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)
     rlimits.enter(plan.rlimits)
-    session.enter()
+    session.enter(status)
     _no_new_privs()
     scope.enter(plan.network is not None)
     descriptors.enter(plan.handed)
