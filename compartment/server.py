@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from compartment import authorize, message, protocol, serveconfig, watch
+from compartment import authorize, message, protocol, serveconfig, uidpool, watch
 from compartment.api import _classify, agent_convention, failure, stderr_text
 from compartment.authorize import Peer, Refused
 from compartment.exits import Convention, Outcome
@@ -109,6 +109,9 @@ class Server:
         self.stats = Stats(config_path)
         self.connections: dict[int, Connection] = {}
         self.spawning: list[Connection] = []  # in the order the spawner answers
+        # Inits of answered deliveries, exiting (pidfd -> pid, their uid's lease): reaped, and
+        # the uid released, after the client has its answer.
+        self.reaping: dict[int, tuple[int, uidpool.Lease | None]] = {}
         self.stopping = self.reload = False
         self.poller = select.poll()
         self.registered: dict[int, int] = {}
@@ -124,7 +127,7 @@ class Server:
         signal.signal(signal.SIGHUP, self._on_reload)
         _notify(f"READY=1\nSTATUS=serving on {self.socket_path}")
         self.log.info(f"serving on {self.socket_path}, {self.config.source}")
-        while not (self.stopping and not self.connections):
+        while not (self.stopping and not self.connections and not self.reaping):
             handlers = self._handlers()
             watch.sync(self.poller, self.registered, {fd: ev for fd, (ev, _) in handlers.items()})
             for fd, events in self.poller.poll(self._timeout_ms()):
@@ -146,6 +149,8 @@ class Server:
             self.spawner.channel.fileno(): (select.POLLIN, self._on_spawner)}
         if not self.stopping:
             out[self.listener.fileno()] = (select.POLLIN, self._on_accept)
+        for pidfd in self.reaping:
+            out[pidfd] = (select.POLLIN, lambda ev, p=pidfd: self._on_reaped(p))
         for fd, conn in self.connections.items():
             delivery = conn.delivery
             if conn.lingering:
@@ -199,6 +204,13 @@ class Server:
                 conn.delivery.watch.check_deadline()
                 self._maybe_finish(conn)
                 self._maybe_accept(conn, now)
+
+    def _on_reaped(self, pidfd: int) -> None:
+        pid, lease = self.reaping.pop(pidfd)
+        os.waitpid(pid, 0)  # readable pidfd: it has exited
+        os.close(pidfd)
+        if lease:
+            lease.release()
 
     def _on_wake(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -441,7 +453,12 @@ class Server:
         delivery = conn.delivery
         if delivery is None or not delivery.running or not delivery.watch.finished:
             return
-        delivery.watch.close()
+        watch_ = delivery.watch
+        if not watch_.reaped:  # the compartment is empty, its init exiting: reaped later
+            pid, pidfd = watch_.release_init()
+            self.reaping[pidfd] = (pid, delivery.prepared.lease)
+            delivery.prepared.lease = None  # the uid is free once its init is reaped
+        watch_.close()
         try:
             result = _classify(delivery.watch, delivery.prepared, delivery.policy,
                                delivery.request.argv, delivery.caller, delivery.agent)

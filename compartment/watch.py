@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 from compartment import message, syscalls
 from compartment.confine.errors import RECORD, SetupError
-from compartment.confine.init import EXIT_RECORD, EXIT_TAG
+from compartment.confine.init import EMPTY_RECORD, EMPTY_TAG, EXIT_RECORD, EXIT_TAG
 from compartment.confine.seccomp import LISTENER_RECORD
 from compartment.exits import Outcome
 from compartment.policy import Limits
@@ -81,7 +81,8 @@ class Watch:
         self.setup_error: SetupError | None = None
         self.wait_status = 0  # of the compartment's init
         self.agent_wait_status: int | None = None  # reported by the init
-        self.rusage: resource.struct_rusage | None = None
+        self.rusage: resource.struct_rusage | None = None  # the compartment's, when it ended
+        self.reaped = False  # the init waited for
         self.caller_error = ""
         self._splice = True
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
@@ -163,8 +164,10 @@ class Watch:
             return  # already gone: nothing left to kill
 
     def _on_exit(self) -> bool:
-        _, self.wait_status, self.rusage = os.wait4(self.pid, 0)
-        self.ended = time.monotonic()
+        _, self.wait_status, usage = os.wait4(self.pid, 0)
+        self.reaped = True
+        if self.rusage is None:  # not told already (the init was killed, or died)
+            self.rusage, self.ended = usage, time.monotonic()
         return False
 
     def _on_status(self) -> bool:
@@ -179,9 +182,29 @@ class Watch:
             self.setup_error = SetupError.unpack(data)
         elif len(data) == EXIT_RECORD.size and data.startswith(EXIT_TAG):
             self.agent_wait_status = EXIT_RECORD.unpack(data)[1]
+        elif len(data) == EMPTY_RECORD.size and data.startswith(EMPTY_TAG):
+            return self._on_empty(data)
         elif data and data != LISTENER_RECORD:
             self.setup_error = SetupError("internal", "status", 0, f"bad record of {len(data)}")
         return bool(data)
+
+    def _on_empty(self, data: bytes) -> bool:
+        """The compartment is empty and its init is exiting: the run is over (once its output
+        is drained), with the usage wait4 would have given.  The init's own teardown need not
+        be waited for; whoever holds the watch reaps it (close(), or the daemon later)."""
+        _, user_us, system_us, peak_kib = EMPTY_RECORD.unpack(data)
+        self.rusage = resource.struct_rusage((user_us / 1e6, system_us / 1e6, peak_kib,
+                                              *(0,) * 13))
+        self.ended = time.monotonic()
+        self._handlers.pop(self.pidfd, None)
+        return False  # nothing more to read on the status socket
+
+    def release_init(self) -> tuple[int, int]:
+        """(pid, pidfd) of the compartment's init, which the caller now reaps; close() will
+        not.  Once the compartment is empty (finished), only its teardown is left."""
+        init = self.pid, self.pidfd
+        self.pid = self.pidfd = -1
+        return init
 
     def _on_notification(self) -> bool:
         notification = bytearray(syscalls.SECCOMP_NOTIF_SIZE)
@@ -314,13 +337,14 @@ class Watch:
         self._handlers = {}  # events still queued for closed descriptors are dropped
         if self.status is not None:
             self.status.close()
-        if self.rusage is None and self.pid > 0:
-            # Only reached when run() itself failed: the child must not outlive the supervisor.
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
+        if self.pid > 0 and not self.reaped:
+            # Killed unless it told us it is exiting (or run() itself failed: the child must
+            # not outlive the supervisor); then waited for.
+            if self.rusage is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
+            self.reaped = True
 
 
 def sync(poller: select.poll, registered: dict[int, int], wanted: dict[int, int]) -> None:

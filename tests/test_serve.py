@@ -389,6 +389,20 @@ def test_run_and_the_api_agree_on_a_result(daemon):
         assert getattr(got, name) == getattr(ran, name), name
 
 
+def test_the_cpu_of_every_process_is_counted_when_answered_before_the_teardown(daemon):
+    """The daemon answers when the init says the compartment is empty, with the usage the
+    init's own wait4 gathered (its reaping comes later): a child's CPU is in it."""
+    burn = [PYTHON, "-I", "-c", "import os, time\nos.fork()\nend = time.process_time() + 0.3"
+            "\nwhile time.process_time() < end: pass"]
+    with open("/dev/null", "r+b") as null:
+        got = submit(burn, "filter", stdin=null.fileno(), stdout=null.fileno(),
+                     stderr=null.fileno(), socket_path=daemon.socket)
+        ran = run(burn, Policy.load("filter"), stdin=null, stdout=null, stderr=null)
+    assert got.outcome is Outcome.OK and ran.outcome is Outcome.OK
+    assert got.cpu_s >= 0.55 and ran.cpu_s >= 0.55  # two processes of 0.3 s each
+    assert got.peak_memory_bytes > 1 << 20 and ran.peak_memory_bytes > 1 << 20
+
+
 # The daemon's own life.
 
 def test_sigkill_mid_delivery_defers_every_message_and_a_restart_serves(tmp_path):
