@@ -95,7 +95,7 @@ def encode(plan: Plan, status: int) -> tuple[bytes, list[int]]:
     data = marshal.dumps((_VERSION, plan.unprivileged, plan.hostname, plan.network is not None,
                           plan.uid, plan.gid, (entries, fs.directories, fs.tmp_bytes, fs.proc),
                           plan.last_cap, tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf,
-                          handed, plan.program, tuple(plan.argv), dict(plan.env)))
+                          handed, plan.program, tuple(plan.argv), dict(plan.env), plan.commit))
     return data, fds
 
 
@@ -106,7 +106,7 @@ _filters: dict[bytes, syscalls.PreparedFilter] = {}
 
 def decode(data: bytes, fds: list[int]) -> Plan:
     (version, unprivileged, hostname, shared_network, uid, gid, fs, last_cap, rlimits, bpf,
-     handed, program, argv, env) = marshal.loads(data)
+     handed, program, argv, env, commit) = marshal.loads(data)
     if version != _VERSION:
         raise ValueError(f"plan version {version}, expected {_VERSION}")
     entries, directories, tmp_bytes, proc = fs
@@ -119,7 +119,7 @@ def decode(data: bytes, fds: list[int]) -> Plan:
                                        tmp_bytes, proc),
                 last_cap=last_cap, rlimits=rlimits, seccomp=_filters[bpf],
                 handed=tuple((target, fds[index]) for target, index in handed),
-                program=program, argv=argv, env=env)
+                program=program, argv=argv, env=env, commit=commit)
 
 
 def _entry(fields: tuple[object, ...], fds: list[int]) -> rootfs.Entry:

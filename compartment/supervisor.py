@@ -50,24 +50,71 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             env: Mapping[str, str] | None, opener: Opener | None = None) -> Prepared:
     """Parent side, before clone: everything the child needs, checked here where errors are
     cheap and precise."""
+    stdin_offset, agent_env, search = _request(argv, policy, fds, env)
+    program, opened = (opener or _open_paths)(argv[0], search, policy)
+    prepared = _compartment(policy, program, opened)
+    prepared.plan = replace(prepared.plan, argv=tuple(argv), env=agent_env)
+    prepared.stdin_fd, prepared.stdin_offset = fds[0], stdin_offset
+    return prepared
+
+
+def prepare_ahead(policy: Policy) -> Prepared:
+    """The resident supervisor's compartment prepared before its request: what no request
+    changes (the policy's named paths, the root without the program, the filter, a pool uid
+    leased for it), in a plan that waits for the request's part (confine.commit)."""
+    return _compartment(policy, None, open_named(policy), commit=True)
+
+
+class NotShown(ConfigError):
+    """A compartment prepared ahead shows only the system's directories and the policy's
+    paths: a program elsewhere needs a root of its own (prepare)."""
+
+
+def commit_request(ahead: Prepared, argv: Sequence[str], policy: Policy,
+                   fds: tuple[int, int, int], env: Mapping[str, str] | None,
+                   opener: Opener | None = None) -> Prepared:
+    """The request's part of a compartment prepared ahead, as prepare makes it: stdin, the
+    environment, the program opened by `opener` (and run by its path in a root of root's own
+    directories, which must show it)."""
+    stdin_offset, agent_env, search = _request(argv, policy, fds, env)
+    bare = replace(policy, filesystem=replace(policy.filesystem, readable=(), writable=()))
+    program, opened = (opener or _open_paths)(argv[0], search, bare)
+    try:
+        if not ahead.plan.filesystem.shows(program):
+            raise NotShown(f"program {program}: not in the prepared root")
+        _check_interpreter(program, opened[program], ahead.plan.filesystem)
+    finally:
+        close_all(opened)
+    plan = replace(ahead.plan, program=program, argv=tuple(argv), env=agent_env)
+    return replace(ahead, plan=plan, stdin_fd=fds[0], stdin_offset=stdin_offset)
+
+
+def _request(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
+             env: Mapping[str, str] | None) -> tuple[int | None, dict[str, str], str]:
+    """What the request brings: stdin's offset, the agent's environment, its search path."""
     if not argv:
         raise ConfigError("no program given")
-    stdin_fd = fds[0]
-    stdin_offset = _stdin_offset(stdin_fd)
+    stdin_offset = _stdin_offset(fds[0])
     agent_env = dict(policy.environment.set)
     source_env = os.environ if env is None else env
     agent_env.update((name, source_env[name]) for name in policy.environment.pass_
                      if name in source_env)
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
+    return stdin_offset, agent_env, agent_env.get("PATH", "/usr/bin:/bin")
+
+
+def _compartment(policy: Policy, program: str | None, opened: dict[str, int],
+                 commit: bool = False) -> Prepared:
+    """What the policy (and the program, when known) decide: the root, the filter, the ids.
+    Takes `opened` over: closed here on failure, by the caller after the clone otherwise."""
     unprivileged = os.geteuid() != 0
     last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
-    program, opened = (opener or _open_paths)(argv[0], agent_env.get("PATH", "/usr/bin:/bin"),
-                                              policy)
     trees: list[int] = []
     try:
         fs = rootfs.plan(policy.filesystem, program, opened)
-        _check_interpreter(program, opened[program], fs)
+        if program:
+            _check_interpreter(program, opened[program], fs)
         if not unprivileged:
             fs, trees = filesystem.prepare(fs)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
@@ -80,10 +127,9 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         raise
     plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
                 network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
-                last_cap=last_cap, rlimits=rlimit_plan,
-                seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
-                env=agent_env)
-    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, opened, trees)
+                last_cap=last_cap, rlimits=rlimit_plan, seccomp=compiled.prepared, handed=(),
+                program=program or "", argv=(), env={}, commit=commit)
+    return Prepared(plan, compiled, lease, -1, None, opened, trees)
 
 
 def open_named(policy: Policy) -> dict[str, int]:

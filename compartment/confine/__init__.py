@@ -19,6 +19,9 @@ order, and why:
 8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
 9. scope         a Landlock domain that keeps abstract sockets to the compartment, when the
                  network namespace is shared: needs no_new_privs.
+   (commit)      a compartment the resident supervisor prepared ahead waits here for its
+                 request's part: the descriptors, program, argv and environment (commit.py).
+                 Everything above depends on the policy alone; everything below on the request.
 10. descriptors  0/1/2 and extras placed, the rest close on exec.
 11. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
                  only waits; the agent is pid 2, an ordinary process: its own session, no
@@ -52,6 +55,7 @@ import prctl
 from compartment import rootfs, syscalls
 from compartment.confine import (
     capabilities,
+    commit,
     credentials,
     descriptors,
     filesystem,
@@ -84,6 +88,7 @@ class Plan:
     program: str
     argv: Sequence[str]
     env: dict[str, str]
+    commit: bool = False  # prepared ahead: handed, program, argv and env come on `status`
 
 
 def enter(plan: Plan, status: socket.socket) -> None:
@@ -97,6 +102,8 @@ def enter(plan: Plan, status: socket.socket) -> None:
     session.enter(status)
     _no_new_privs()
     scope.enter(plan.network is not None)
+    if plan.commit:
+        plan = commit.receive(plan, status)
     descriptors.enter(plan.handed)
     agent = syscalls.clone(0)
     if agent:
