@@ -28,14 +28,16 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from compartment import authorize, message, protocol, serveconfig, uidpool, watch
+from compartment.ahead import Ahead, Spare
 from compartment.api import _classify, agent_convention, failure, stderr_text
 from compartment.authorize import Peer, Refused
+from compartment.confine import commit
 from compartment.exits import Convention, Outcome
 from compartment.policy import Policy
 from compartment.report import Result, append
 from compartment.serverlog import Log, Stats
 from compartment.spawner import Spawner
-from compartment.supervisor import ConfigError, Prepared, prepare
+from compartment.supervisor import ConfigError, NotShown, Prepared, commit_request, prepare
 
 DEFAULT_SOCKET = "/run/compartment/socket"
 REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client is dropped
@@ -108,7 +110,7 @@ class Server:
         self.config = serveconfig.load(config_path)
         self.stats = Stats(config_path)
         self.connections: dict[int, Connection] = {}
-        self.spawning: list[Connection] = []  # in the order the spawner answers
+        self.spawning: list[Connection | Spare] = []  # in the order the spawner answers
         # Inits of answered deliveries, exiting (pidfd -> pid, their uid's lease): reaped, and
         # the uid released, after the client has its answer.
         self.reaping: dict[int, tuple[int, uidpool.Lease | None]] = {}
@@ -118,6 +120,7 @@ class Server:
         self.activated = _activated()  # systemd's socket: its unit sets the mode
         self.listener = _listener(socket_path, self.config, self.activated)
         self.spawner = Spawner()
+        self.ahead = Ahead(lambda: self.spawner, self.log.info)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
@@ -127,7 +130,8 @@ class Server:
         signal.signal(signal.SIGHUP, self._on_reload)
         _notify(f"READY=1\nSTATUS=serving on {self.socket_path}")
         self.log.info(f"serving on {self.socket_path}, {self.config.source}")
-        while not (self.stopping and not self.connections and not self.reaping):
+        while not (self.stopping and not self.connections and not self.reaping
+                   and not self.ahead.waiting()):
             handlers = self._handlers()
             watch.sync(self.poller, self.registered, {fd: ev for fd, (ev, _) in handlers.items()})
             for fd, events in self.poller.poll(self._timeout_ms()):
@@ -136,6 +140,8 @@ class Server:
             self._expire()
             if self.reload:
                 self._reload()
+            if self.stopping and self.ahead.ready:
+                self.ahead.drop_all()
         self.spawner.stop()
         _notify("STOPPING=1")
         self.log.info("stopped")
@@ -151,6 +157,7 @@ class Server:
             out[self.listener.fileno()] = (select.POLLIN, self._on_accept)
         for pidfd in self.reaping:
             out[pidfd] = (select.POLLIN, lambda ev, p=pidfd: self._on_reaped(p))
+        out.update((fd, (select.POLLIN, handler)) for fd, handler in self.ahead.handlers().items())
         for fd, conn in self.connections.items():
             delivery = conn.delivery
             if conn.lingering:
@@ -217,7 +224,7 @@ class Server:
             os.read(self.wake_r, 512)
 
     def _on_stop(self, _signum: int, _frame: object) -> None:
-        self.stopping = True
+        self.stopping = True  # the loop drops what was prepared ahead (not in a handler)
 
     def _on_reload(self, _signum: int, _frame: object) -> None:
         self.reload = True
@@ -230,6 +237,7 @@ class Server:
             self.log.error(f"reload refused, the old configuration stays: {err}")
             return
         authorize.forget_policies()
+        self.ahead.drop_all()  # prepared for policies that may have changed
         if not self.activated:
             _set_mode(self.socket_path, self.config)
         self.log.info(f"reloaded {self.config.source}")
@@ -356,10 +364,12 @@ class Server:
         self._launch(conn)
 
     def _launch(self, conn: Connection) -> None:
-        """Prepare the run as `compartment run` does and ask the spawner for the clone."""
+        """Prepare the run as `compartment run` does, and clone it — or commit a compartment
+        prepared ahead for its policy (compartment.ahead)."""
         delivery = conn.delivery
-        assert delivery is not None
+        assert delivery is not None and conn.rule is not None
         request, policy, fds = delivery.request, delivery.policy, delivery.fds
+        ahead = self.ahead.eligible(policy, request.sets, conn.peer.uid == 0)
         try:
             if delivery.stdin < 0:  # direct: read-only, opened again (if need be) as the peer
                 with authorize.as_peer(conn.peer):
@@ -367,18 +377,11 @@ class Server:
                         message.read_only((fds[0], fds[1], fds[2]), policy.message.max_bytes))
             std = (delivery.stdin, fds[1], fds[2])
             opener = authorize.opener(conn.peer, conn.rule, request.sets)
-            delivery.prepared = prepared = prepare(request.argv, policy, std, request.env, opener)
-            delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
-            passed = zip(request.fds[3:], fds[3:len(request.fds)], strict=True)
-            handed = ((0, std[0]), *watch_.agent_ends(), *passed)
-            ours, theirs = socket.socketpair(socket.AF_UNIX,
-                                             socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            delivery.status = ours
-            try:
-                self.spawner.send(replace(prepared.plan, handed=handed), theirs.fileno())
-            finally:
-                theirs.close()
-                prepared.close_paths()  # the spawner has its copies, or there is no child
+            spare = self.ahead.take(policy) if ahead else None
+            committed = spare is not None and self._commit(conn, spare, std, opener)
+            if not committed:
+                self._clone(conn, std, opener)
+            self.stats.launched(committed)
         except (ConfigError, message.MessageError, Refused) as err:
             why = f"refused: {err}" if isinstance(err, Refused) else str(err)
             if isinstance(err, Refused):
@@ -389,9 +392,64 @@ class Server:
         except Exception as err:  # noqa: BLE001 - this delivery's failure, not the daemon's
             self._end(conn, _failed(delivery, f"{type(err).__name__}: {err}"))
             return
-        self.spawning.append(conn)
         self.stats.begin(policy.name, conn.peer.uid)
         delivery.counted = True
+        if ahead:  # the next one of this policy, while this one runs
+            spare = self.ahead.want(policy)
+            if spare is not None:
+                self.spawning.append(spare)
+
+    def _clone(self, conn: Connection, std: tuple[int, int, int],
+               opener: authorize.supervisor.Opener | None) -> None:
+        """The ordinary way: prepared for this request, cloned by the spawner."""
+        delivery = conn.delivery
+        assert delivery is not None
+        request, policy = delivery.request, delivery.policy
+        delivery.prepared = prepared = prepare(request.argv, policy, std, request.env, opener)
+        delivery.watch = watch.Watch(policy.limits, std, prepared.compiled.names)
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        delivery.status = ours
+        try:
+            self.spawner.send(replace(prepared.plan, handed=self._handed(delivery, std)),
+                              theirs.fileno())
+        finally:
+            theirs.close()
+            prepared.close_paths()  # the spawner has its copies, or there is no child
+        self.spawning.append(conn)
+
+    def _commit(self, conn: Connection, spare: Spare, std: tuple[int, int, int],
+                opener: authorize.supervisor.Opener | None) -> bool:
+        """Give a prepared compartment this request's part; False (and the compartment back
+        to the pool) when its root does not show the program."""
+        delivery = conn.delivery
+        assert delivery is not None
+        request, policy = delivery.request, delivery.policy
+        try:
+            prepared = commit_request(spare.prepared, request.argv, policy, std, request.env,
+                                      opener)
+        except NotShown:
+            self.ahead.give_back(spare)
+            return False
+        except BaseException:
+            self.ahead.give_back(spare)
+            raise
+        delivery.prepared, delivery.status = prepared, spare.status
+        delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
+        plan = prepared.plan
+        commit.send(spare.status, plan.program, plan.argv, plan.env, self._handed(delivery, std))
+        os.close(spare.pidfd)  # the watch opens its own
+        watch_.start(spare.pid, spare.status)
+        delivery.running = True
+        return True
+
+    @staticmethod
+    def _handed(delivery: Delivery, std: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+        """The agent's descriptors: stdin, the watch's pipes, the policy's extra ones."""
+        assert delivery.watch is not None
+        request, fds = delivery.request, delivery.fds
+        passed = zip(request.fds[3:], fds[3:len(request.fds)], strict=True)
+        return ((0, std[0]), *delivery.watch.agent_ends(), *passed)
 
     def _on_spawner(self, events: int) -> None:
         try:
@@ -400,8 +458,11 @@ class Server:
             self.log.error(f"the spawner is gone ({error.strerror}): starting a new one")
             self._restart_spawner()
             return
-        conn = self.spawning.pop(0)
-        delivery = conn.delivery
+        item = self.spawning.pop(0)
+        if isinstance(item, Spare):
+            self.ahead.spawned(item, pid, err)
+            return
+        conn, delivery = item, item.delivery
         assert delivery is not None and delivery.status is not None
         if not pid:
             self._end(conn, _failed(delivery, f"cannot clone: {os.strerror(err)}"))
@@ -421,10 +482,12 @@ class Server:
         self._send(conn, protocol.encode_accepted(delivery.watch.limits.wall_timeout_s))
 
     def _restart_spawner(self) -> None:
-        for conn in self.spawning:
-            delivery = conn.delivery
-            assert delivery is not None
-            self._end(conn, _failed(delivery, "the spawner died"))
+        for item in self.spawning:
+            if isinstance(item, Spare):
+                self.ahead.spawned(item, 0, errno.EPIPE)
+            else:
+                assert item.delivery is not None
+                self._end(item, _failed(item.delivery, "the spawner died"))
         self.spawning.clear()
         self.spawner.channel.close()
         self.spawner.process.wait()

@@ -76,6 +76,10 @@ class Stats:
         self.live: collections.Counter[tuple[str, int]] = collections.Counter()
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
+        self.ways = {True: 0, False: 0}  # committed to a compartment prepared ahead, or cloned
+
+    def launched(self, ahead: bool) -> None:
+        self.ways[ahead] += 1
 
     def begin(self, policy: str, uid: int) -> None:
         self.live[(policy, uid)] += 1
@@ -101,6 +105,8 @@ class Stats:
         if total:
             lines.append("  " + ", ".join(f"{outcome} {count}" for outcome, count
                                           in self.outcomes.most_common()))
+        lines.append(f"compartments prepared ahead and used: {self.ways[True]}, cloned for "
+                     f"their request: {self.ways[False]}")
         if self.latencies:
             ordered = sorted(self.latencies)
             marks = ", ".join(f"p{p} {_percentile(ordered, p) * 1000:.1f} ms"

@@ -157,21 +157,21 @@ def request(argv: list[str], policy: str = "filter", sets: list[str] = (),
                                    list((env or {}).items()), list(sets))
 
 
-def uid_processes(uid_range: tuple[int, int]) -> list[int]:
-    """Pids of processes whose real uid is in the range (agents left behind)."""
+def uid_processes(uid_range: tuple[int, int], name: str = "") -> list[int]:
+    """Pids of processes whose real uid is in the range (agents left behind), and whose name
+    is `name` if given (the daemon keeps compartments prepared ahead in its pool too)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/status") as status:
-                for line in status:
-                    if line.startswith("Uid:"):
-                        if uid_range[0] <= int(line.split()[1]) <= uid_range[1]:
-                            found.append(int(entry))
-                        break
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
         except OSError:
             continue
+        uid = int(fields.get("Uid", "-1 ").split()[0])
+        if uid_range[0] <= uid <= uid_range[1] and name in ("", fields["Name"].strip()):
+            found.append(int(entry))
     return found
 
 

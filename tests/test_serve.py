@@ -354,10 +354,11 @@ def test_many_idle_connections_do_not_stop_a_delivery(daemon):
 def test_a_client_that_disconnects_mid_delivery_has_its_compartment_killed(daemon):
     client = subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket,
                                *IN_POOL, "--", "/bin/sleep", "60"], stdin=subprocess.DEVNULL)
-    assert wait_for(lambda: uid_processes(POOL), 20)
+    assert wait_for(lambda: uid_processes(POOL, "sleep"), 20)
     client.kill()
     client.wait()
-    assert wait_for(lambda: not uid_processes(POOL), 10), "the agent outlived its client"
+    assert wait_for(lambda: not uid_processes(POOL, "sleep"), 10), \
+        "the agent outlived its client"
     assert wait_for(lambda: "the client had disconnected" in daemon.log(), 10)
 
 
@@ -403,19 +404,47 @@ def test_the_cpu_of_every_process_is_counted_when_answered_before_the_teardown(d
     assert got.peak_memory_bytes > 1 << 20 and ran.peak_memory_bytes > 1 << 20
 
 
+def test_a_compartment_prepared_ahead_is_confined_as_a_cloned_one(daemon):
+    """The second and later deliveries of a policy are committed to compartments prepared
+    ahead: the same confinement, facts for facts, as a clone for the request and as `run`,
+    and never one compartment for two requests."""
+    from agentrun import PROBE, probe
+    from agentrun import PYTHON as SYSTEM_PYTHON  # in the prepared root: /usr
+
+    ran = probe("facts").json()
+    shown = []
+    for _ in range(4):
+        done = daemon.submit([SYSTEM_PYTHON, "-I", "-c", PROBE, "facts"], IN_POOL)
+        assert done.status == 0, done.stderr
+        shown.append(json.loads(done.stdout))
+    status = subprocess.run([daemon_command(), "status", "--socket", daemon.socket],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    used = int(status.split("prepared ahead and used: ")[1].split(",")[0])
+    assert used >= 3, status  # all but the first, at least
+    varying = ("uid", "gid", "hostname")
+    for facts in shown:
+        assert {k: v for k, v in facts.items() if k not in varying} == \
+            {k: v for k, v in ran.items() if k not in varying}
+        assert POOL[0] <= facts["uid"][0] <= POOL[1] and len(set(facts["uid"])) == 1
+    assert len({f["hostname"] for f in shown}) == len({f["uid"][0] for f in shown}) == 4
+
+
 # The daemon's own life.
 
 def test_sigkill_mid_delivery_defers_every_message_and_a_restart_serves(tmp_path):
+    pool = (65200, 65299)  # this test's own: the module's daemon keeps one prepared in POOL
     daemon = Daemon().start()
     clients = [subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket,
-                                 *IN_POOL, "--", "/bin/sleep", "60"], stdin=subprocess.DEVNULL,
+                                 f"--set=identity.uid_pool={pool[0]}-{pool[1]}", "--",
+                                 "/bin/sleep", "60"], stdin=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE) for _ in range(3)]
-    assert wait_for(lambda: len(uid_processes(POOL)) >= 6, 30)  # 3 inits and 3 agents
+    assert wait_for(lambda: len(uid_processes(pool, "sleep")) >= 3, 30)
     daemon.stop(signal.SIGKILL)
     for client in clients:
         _, err = client.communicate(timeout=30)
         assert client.returncode == 75 and b"closed the connection" in err
-    assert wait_for(lambda: not uid_processes(POOL), 10), "an agent outlived its daemon"
+    # Inits, agents and the compartment prepared ahead: nothing of that uid range is left.
+    assert wait_for(lambda: not uid_processes(pool), 10), "an agent outlived its daemon"
     daemon.start()
     try:
         assert daemon.submit(["/bin/echo", "again"]).stdout == b"again\n"

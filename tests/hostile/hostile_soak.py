@@ -227,7 +227,8 @@ def soak(deliveries: int, callers: int) -> tuple[list[str], float, int]:
                 continue
             problems += [f"caller {number}: {p}" for p in report["problems"]]
         after = Snapshot.take()
-        problems += compare(before, after, tmp) + tally.failures[:5]
+        # Through the daemon, the uid it prepared ahead is leased: soak_served looks after it.
+        problems += compare(before, after, tmp, leases=not SERVE_SOCKET) + tally.failures[:5]
         growth = after.rss - rss[0] if rss else 0
         if growth > RSS_GROWTH_LIMIT:
             problems.append(f"memory grew {growth >> 20} MiB over {deliveries} runs")
@@ -244,9 +245,11 @@ def soak_served(deliveries: int, callers: int) -> tuple[list[str], float, int]:
     SERVE_SOCKET = daemon.socket
     try:
         _warm = soak(WARM_UP, 0)  # the daemon's caches and allocator, before its baseline
-        before = Snapshot.take(daemon.process.pid)
+        daemon.reload()  # lets go of the compartments it prepared ahead
+        before = _settled(daemon)
         problems, seconds, growth = soak(deliveries, callers)
-        after = Snapshot.take(daemon.process.pid)
+        daemon.reload()
+        after = _settled(daemon)
     finally:
         SERVE_SOCKET = ""
         daemon.stop()
@@ -257,6 +260,15 @@ def soak_served(deliveries: int, callers: int) -> tuple[list[str], float, int]:
     if daemon.process.returncode != 0:
         problems.append(f"daemon: exited {daemon.process.returncode}: {daemon.log()[-500:]}")
     return problems, seconds, growth
+
+
+def _settled(daemon: object) -> Snapshot:
+    """The daemon's state once what it prepared ahead is gone (killed on a reload, reaped
+    right after): no uid of the soak's pool leased any more."""
+    deadline = time.monotonic() + 10
+    while leased_uids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return Snapshot.take(daemon.process.pid)  # type: ignore[attr-defined]
 
 
 def main() -> int:
