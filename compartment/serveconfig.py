@@ -29,6 +29,7 @@ import os
 import pwd
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,25 +194,23 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _uid(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFFFFFF:
-        return value
-    if isinstance(value, str):
-        try:
-            return pwd.getpwnam(value).pw_uid
-        except KeyError:
-            raise ConfigError(f"{where}: no user named {value!r}") from None
-    raise ConfigError(f"{where}: expected a user name or a uid")
+    return _id(value, where, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: Any, where: str) -> int:
+    return _id(value, where, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _id(value: Any, where: str, lookup: Callable[[str], int], what: str) -> int:
+    """A number, or a name looked up in the password or group file."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFFFFFF:
         return value
     if isinstance(value, str):
         try:
-            return grp.getgrnam(value).gr_gid
+            return lookup(value)
         except KeyError:
-            raise ConfigError(f"{where}: no group named {value!r}") from None
-    raise ConfigError(f"{where}: expected a group name or a gid")
+            raise ConfigError(f"{where}: no {what} named {value!r}") from None
+    raise ConfigError(f"{where}: expected a {what} name or a {'uid' if what == 'user' else 'gid'}")
 
 
 def _user_name(uid: int | None) -> str:

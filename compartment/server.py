@@ -6,8 +6,11 @@ delivery.  Per connection (docs/protocol.md): the peer is who SO_PEERCRED says; 
 server configuration is found before anything is read; one request is read (bounded, with a
 deadline) and decoded by compartment.protocol, the only reader of what a peer sent; the policy
 and overrides are authorized (compartment.authorize); the run is prepared as `compartment run`
-prepares it (supervisor.prepare), cloned by the spawner, watched, classified by the same code
-(api._classify, api.stderr_text) and answered; one log line per delivery, in the mail facility.
+prepares it (supervisor.prepare) and cloned by the spawner, or committed to a compartment
+prepared ahead for its policy (compartment.ahead); watched, classified by the same code
+(api._classify, api.stderr_text) and answered as soon as the compartment is empty — its
+teardown, the init's reaping and the uid's release come after; one log line per delivery, in
+the mail facility.
 
 A client that disconnects mid-delivery has its compartment killed and reaped.  SIGTERM stops
 accepting, refuses what was not yet started and finishes what was; SIGHUP reloads the
@@ -27,17 +30,26 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from compartment import authorize, message, protocol, serveconfig, uidpool, watch
+from compartment import authorize, listening, message, protocol, serveconfig, uidpool, watch
 from compartment.ahead import Ahead, Spare
 from compartment.api import _classify, agent_convention, failure, stderr_text
-from compartment.authorize import Peer, Refused
+from compartment.authorize import Refused
 from compartment.confine import commit
+from compartment.connection import (
+    Connection,
+    Delivery,
+    check_outputs,
+    encode,
+    failed,
+    peer,
+    receive,
+)
 from compartment.exits import Convention, Outcome
 from compartment.policy import Policy
 from compartment.report import Result, append
 from compartment.serverlog import Log, Stats
 from compartment.spawner import Spawner
-from compartment.supervisor import ConfigError, NotShown, Prepared, commit_request, prepare
+from compartment.supervisor import ConfigError, NotShown, commit_request, prepare
 
 DEFAULT_SOCKET = "/run/compartment/socket"
 REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client is dropped
@@ -46,60 +58,6 @@ REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client 
 # own first wait (client.START_WAIT_S).
 ACCEPTED_AFTER_S = 10.0
 MAX_CONNECTIONS = 1024
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-_DEV_NULL = os.makedev(1, 3)
-
-
-class Delivery:
-    """One request being run: from the spawn request to the answer.  It owns the client's
-    descriptors, the uid lease, the watch and the status socket until close()."""
-
-    def __init__(self, request: protocol.Request, policy: Policy, fds: list[int],
-                 caller: Convention, agent: Convention) -> None:
-        self.request, self.policy, self.fds, self.caller, self.agent = \
-            request, policy, fds, caller, agent
-        self.prepared: Prepared | None = None
-        self.watch: watch.Watch | None = None
-        self.status: socket.socket | None = None  # our end of the child's status socket
-        self.started = time.monotonic()
-        self.spool: message.Spool | None = None  # the message being copied (message.stdin)
-        self.stdin = -1  # the agent's stdin: the copy, or the caller's read-only
-        self.stack = contextlib.ExitStack()  # what read_only opened, undone at the end
-        self.running = False  # the spawner answered with a pid
-        self.counted = False  # in the live statistics
-        self.ended = False  # answered: events still queued for it are dropped
-        self.accepted = False  # ACCEPTED sent (to a client whose delivery runs long)
-
-    def close(self) -> None:
-        """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
-        after which nothing of the uid is left and its lease may go."""
-        if self.watch is not None:
-            self.watch.close()
-        if self.status is not None:
-            self.status.close()
-        if self.spool is not None:
-            self.spool.close()
-        if self.prepared is not None:
-            self.prepared.close_paths()
-        self.stack.close()
-        if self.prepared is not None and self.prepared.lease:
-            self.prepared.lease.release()
-            self.prepared.lease = None
-        for fd in self.fds:  # first of what the client sees: a relay waits for their end
-            os.close(fd)
-        self.fds = []
-
-
-class Connection:
-    def __init__(self, sock: socket.socket, peer: Peer, rule: serveconfig.Rule | None,
-                 request_timeout_s: float) -> None:
-        self.sock, self.peer, self.rule = sock, peer, rule
-        self.deadline = time.monotonic() + request_timeout_s
-        self.delivery: Delivery | None = None
-        self.gone = False  # the client hung up or broke the protocol mid-delivery
-        # Refused and answered: waiting for the client to close, so that closing first with its
-        # request unread does not reset the connection before it reads the answer.
-        self.lingering = False
 
 
 class Server:
@@ -117,8 +75,8 @@ class Server:
         self.stopping = self.reload = False
         self.poller = select.poll()
         self.registered: dict[int, int] = {}
-        self.activated = _activated()  # systemd's socket: its unit sets the mode
-        self.listener = _listener(socket_path, self.config, self.activated)
+        self.activated = listening.activated()  # systemd's socket: its unit sets the mode
+        self.listener = listening.listener(socket_path, self.config, self.activated)
         self.spawner = Spawner()
         self.ahead = Ahead(lambda: self.spawner, self.log.info)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -128,7 +86,7 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
-        _notify(f"READY=1\nSTATUS=serving on {self.socket_path}")
+        listening.notify(f"READY=1\nSTATUS=serving on {self.socket_path}")
         self.log.info(f"serving on {self.socket_path}, {self.config.source}")
         while not (self.stopping and not self.connections and not self.reaping
                    and not self.ahead.waiting()):
@@ -143,7 +101,7 @@ class Server:
             if self.stopping and self.ahead.ready:
                 self.ahead.drop_all()
         self.spawner.stop()
-        _notify("STOPPING=1")
+        listening.notify("STOPPING=1")
         self.log.info("stopped")
         return 0
 
@@ -239,7 +197,7 @@ class Server:
         authorize.forget_policies()
         self.ahead.drop_all()  # prepared for policies that may have changed
         if not self.activated:
-            _set_mode(self.socket_path, self.config)
+            listening.set_mode(self.socket_path, self.config)
         self.log.info(f"reloaded {self.config.source}")
 
     # Connections and requests.
@@ -253,20 +211,20 @@ class Server:
             self.log.error(f"accept: {err.strerror}")
             return
         sock.setblocking(False)
-        peer = _peer(sock)
-        rule = self.config.rule_for(peer.uid, peer.groups)
-        conn = Connection(sock, peer, rule, self.request_timeout_s)
+        who = peer(sock)
+        rule = self.config.rule_for(who.uid, who.groups)
+        conn = Connection(sock, who, rule, self.request_timeout_s)
         self.connections[sock.fileno()] = conn
         if len(self.connections) > MAX_CONNECTIONS:
             self._refuse(conn, f"too many connections ({MAX_CONNECTIONS})")
         elif rule is None:
-            self._refuse(conn, f"{peer} may not use the daemon (no rule in {self.config.source})")
+            self._refuse(conn, f"{who} may not use the daemon (no rule in {self.config.source})")
         elif self.stopping:
             self._refuse(conn, "the daemon is stopping")
 
     def _on_request(self, conn: Connection) -> None:
         try:
-            data, fds, refusal = _receive(conn.sock)
+            data, fds, refusal = receive(conn.sock)
         except OSError as err:
             self._close(conn)
             if err.errno not in (errno.ECONNRESET, errno.EAGAIN):
@@ -317,7 +275,7 @@ class Server:
         if request.fds[3:] != tuple(policy.descriptors.pass_):
             raise Refused(f"descriptors {list(request.fds)}: policy {policy.name} takes 0, 1, "
                           f"2 and {list(policy.descriptors.pass_) or 'no other'}")
-        _check_outputs(fds)
+        check_outputs(fds)
         return policy
 
     def _start(self, conn: Connection, request: protocol.Request, policy: Policy,
@@ -390,7 +348,7 @@ class Server:
                                     delivery.caller, delivery.started))
             return
         except Exception as err:  # noqa: BLE001 - this delivery's failure, not the daemon's
-            self._end(conn, _failed(delivery, f"{type(err).__name__}: {err}"))
+            self._end(conn, failed(delivery, f"{type(err).__name__}: {err}"))
             return
         self.stats.begin(policy.name, conn.peer.uid)
         delivery.counted = True
@@ -465,7 +423,7 @@ class Server:
         conn, delivery = item, item.delivery
         assert delivery is not None and delivery.status is not None
         if not pid:
-            self._end(conn, _failed(delivery, f"cannot clone: {os.strerror(err)}"))
+            self._end(conn, failed(delivery, f"cannot clone: {os.strerror(err)}"))
             return
         delivery.watch.start(pid, delivery.status)
         delivery.running = True
@@ -487,7 +445,7 @@ class Server:
                 self.ahead.spawned(item, 0, errno.EPIPE)
             else:
                 assert item.delivery is not None
-                self._end(item, _failed(item.delivery, "the spawner died"))
+                self._end(item, failed(item.delivery, "the spawner died"))
         self.spawning.clear()
         self.spawner.channel.close()
         self.spawner.process.wait()
@@ -526,7 +484,7 @@ class Server:
             result = _classify(delivery.watch, delivery.prepared, delivery.policy,
                                delivery.request.argv, delivery.caller, delivery.agent)
         except Exception as err:  # noqa: BLE001 - a bug here must not take the daemon down
-            result = _failed(delivery, f"{type(err).__name__}: {err}")
+            result = failed(delivery, f"{type(err).__name__}: {err}")
         self._end(conn, result, bytes(delivery.watch.diagnostics))
 
     def _end(self, conn: Connection, result: Result, diagnostics: bytes = b"") -> None:
@@ -559,7 +517,7 @@ class Server:
             elif conn in self.spawning:
                 conn.gone = True  # the spawner's answer ends it
             else:
-                self._end(conn, _failed(conn.delivery, why))
+                self._end(conn, failed(conn.delivery, why))
 
     def _answer(self, conn: Connection, result: Result, diagnostics: bytes, caller: Convention,
                 policy_report: str, peer_report: str) -> None:
@@ -567,7 +525,7 @@ class Server:
         if peer_report:  # the peer's file, written with the peer's own rights
             with authorize.as_peer(conn.peer):
                 problem = append(peer_report, result) or problem
-        self._send(conn, _encode(result, stderr_text(result, diagnostics, caller, problem)))
+        self._send(conn, encode(result, stderr_text(result, diagnostics, caller, problem)))
         self.log.delivery(conn.peer, result)
         self._close(conn)
 
@@ -586,14 +544,14 @@ class Server:
             with authorize.as_peer(conn.peer):
                 append(request.report, result)  # a failure here has nowhere to be told
         self.stats.end("", conn.peer.uid, result, 0.0, began=False)
-        self._send(conn, _encode(result, b"", refused=True))
+        self._send(conn, encode(result, b"", refused=True))
         conn.lingering = True
         conn.deadline = time.monotonic() + self.request_timeout_s
 
     def _on_linger(self, conn: Connection) -> None:
         """Read and drop whatever a refused client still sends, until it closes."""
         try:
-            data, fds, _ = _receive(conn.sock)
+            data, fds, _ = receive(conn.sock)
         except OSError:
             data, fds = b"", []
         for fd in fds:
@@ -612,134 +570,3 @@ class Server:
     def _close(self, conn: Connection) -> None:
         self.connections.pop(conn.sock.fileno(), None)
         conn.sock.close()
-
-
-def _failed(delivery: Delivery, why: str) -> Result:
-    return failure(Outcome.INTERNAL_ERROR, f"internal error: {why}", delivery.policy.name,
-                   delivery.request.argv, delivery.caller, delivery.started)
-
-
-def _encode(result: Result, stderr: bytes, refused: bool = False) -> bytes:
-    fields = {name: getattr(result, name) for name in Result.__dataclass_fields__}
-    return protocol.encode_result({**fields, "stderr": stderr, "refused": refused})
-
-
-def _peer(sock: socket.socket) -> Peer:
-    import struct
-
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
-                                                         socket.SO_PEERCRED, 12))
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
-        groups = struct.unpack(f"{len(raw) // 4}I", raw)
-    except OSError:  # no SO_PEERGROUPS (Linux < 4.13): the primary group alone
-        groups = ()
-    return Peer(uid, gid, pid, (gid, *groups))
-
-
-def _receive(sock: socket.socket) -> tuple[bytes, list[int], str | None]:
-    """One request datagram and its descriptors; a refusal reason when it broke a bound."""
-    space = socket.CMSG_SPACE(4 * (protocol.MAX_FDS + 1))
-    data, ancillary, flags, _ = sock.recvmsg(protocol.MAX_REQUEST_BYTES + 1, space,
-                                             socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-    fds: list[int] = []
-    other = False
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            whole = len(payload) - len(payload) % 4
-            fds += list(memoryview(payload[:whole]).cast("i"))
-        else:
-            other = True
-    if flags & socket.MSG_TRUNC:
-        return data, fds, f"request larger than {protocol.MAX_REQUEST_BYTES} bytes"
-    if flags & socket.MSG_CTRUNC or len(fds) > protocol.MAX_FDS:
-        return data, fds, f"more than {protocol.MAX_FDS} descriptors"
-    if other:
-        return data, fds, "ancillary data other than descriptors"
-    return data, fds, None
-
-
-def _check_outputs(fds: list[int]) -> None:
-    """The caller's stdout and stderr must be where a write cannot stall the daemon: a pipe
-    (written without blocking), a file, or /dev/null.  `compartment submit` relays anything
-    else (a terminal, a socket) through a pipe of its own."""
-    for name, fd in (("stdout", fds[1]), ("stderr", fds[2])):
-        info = os.fstat(fd)
-        mode = info.st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
-                or (stat.S_ISCHR(mode) and info.st_rdev == _DEV_NULL)):
-            raise Refused(f"{name} must be a pipe, a file or /dev/null")
-        import fcntl
-
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-            raise Refused(f"{name} is not open for writing")
-
-
-def _activated() -> bool:
-    """Did systemd pass us the listening socket (sd_listen_fds(3): LISTEN_PID, LISTEN_FDS)?"""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-        os.environ.get("LISTEN_FDS", "0").isdigit() and int(os.environ["LISTEN_FDS"]) >= 1
-
-
-def _listener(path: str, config: serveconfig.Config, activated: bool) -> socket.socket:
-    """The listening socket: systemd's (socket activation, fd 3), or one of ours at path."""
-    if activated:
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
-        sock = socket.socket(fileno=3)
-        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
-            raise OSError(errno.EINVAL, "the socket systemd passed is not a unix seqpacket one")
-        os.set_inheritable(3, False)
-        sock.setblocking(False)
-        return sock
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    _take_over(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    aside = f"{path}.new-{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(aside)
-    sock.bind(aside)
-    _set_mode(aside, config)
-    sock.listen(128)
-    os.rename(aside, path)  # in place at once: a restart never leaves the path missing
-    sock.setblocking(False)
-    return sock
-
-
-def _set_mode(path: str, config: serveconfig.Config) -> None:
-    """Who may connect at all: the socket's group and mode from the configuration.  The path
-    is in a directory of root's, and checked to be a socket, not a link to something else."""
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise OSError(errno.EINVAL, f"{path} is not a socket")
-    os.chown(path, 0, 0 if config.socket_group is None else config.socket_group)
-    os.chmod(path, config.socket_mode())
-
-
-def _take_over(path: str) -> None:
-    """Refuse to start over a live daemon's socket; a stale one is replaced."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError:
-        return  # nobody listens: stale
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another compartment serve listens on {path}")
-
-
-def _notify(state: str) -> None:
-    """sd_notify(3) in a few lines: one datagram to $NOTIFY_SOCKET, if systemd set it."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address or address[0] not in "/@":
-        return
-    target = "\0" + address[1:] if address[0] == "@" else address
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock, \
-            contextlib.suppress(OSError):  # systemd gone: nothing to tell
-        sock.sendto(state.encode(), target)

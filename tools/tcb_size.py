@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent / "compartment"
 LOADER = {"policy.py", "policy_fields.py", "syscall_filter.py", "rootfs.py"}
 # The resident supervisor's own modules (compartment serve), privileged: the daemon's loop and
 # request handling, the spawner, the wire format's decoder, authorization, its configuration.
-DAEMON = {"server.py", "spawner.py", "protocol.py", "authorize.py", "serveconfig.py",
-          "serverlog.py"}
+DAEMON = {"server.py", "connection.py", "listening.py", "ahead.py", "spawner.py", "protocol.py",
+          "authorize.py", "serveconfig.py", "serverlog.py"}
 # Unprivileged: the submit client runs as the MTA's user (it shares protocol.py's encoder).
 CLIENT = {"client.py"}
 DAEMON_ENTRY = ("server.py", "spawner.py")  # and cli.py, whose other commands it does not run
@@ -99,8 +99,8 @@ def main() -> int:
               lambda p: p.name not in LOADER | DAEMON | CLIENT,
               "policy loader and its compilers (syscall filter, root plan)":
               lambda p: p.name in LOADER,
-              "resident supervisor's own modules (server, spawner, protocol, authorization, "
-              "config, log)": lambda p: p.name in DAEMON,
+              "resident supervisor's own modules (server, connection, listening, ahead, "
+              "spawner, protocol, authorization, config, log)": lambda p: p.name in DAEMON,
               "everything privileged in the resident supervisor's processes (all of the "
               "above it imports)": lambda p: p in in_daemon,
               "submit client (unprivileged)": lambda p: p.name in CLIENT}
