@@ -7,6 +7,10 @@
     from compartment import submit          # through the resident supervisor (compartment serve)
     result = submit(["/usr/local/bin/myfilter"], "filter", stdin=message_fd)
 
+    from compartment import Failed, isolate
+    with isolate(mailfilters.strip_attachments) as strip:   # a function, in DJB's prison
+        new_message = strip(message_bytes)                    # or compartment.Failed
+
 The names are imported on first use (PEP 562), so that importing a submodule costs only that
 submodule: the `submit` client and the spawner start small and must not load the policy loader.
 """
@@ -17,16 +21,19 @@ TYPE_CHECKING = False  # not typing's: importing typing costs the client 1.5 ms
 if TYPE_CHECKING:
     from compartment.api import run
     from compartment.client import submit
-    from compartment.exits import Convention, Outcome
+    from compartment.exits import Convention, Failed, Outcome
+    from compartment.isolate import Isolated, isolate
     from compartment.policy import Policy, PolicyError
     from compartment.report import Result
 
 _HOMES = {"run": "compartment.api", "submit": "compartment.client",
-          "Convention": "compartment.exits", "Outcome": "compartment.exits",
-          "Policy": "compartment.policy", "PolicyError": "compartment.policy",
-          "Result": "compartment.report"}
+          "Convention": "compartment.exits", "Failed": "compartment.exits",
+          "Outcome": "compartment.exits", "Isolated": "compartment.isolate",
+          "isolate": "compartment.isolate", "Policy": "compartment.policy",
+          "PolicyError": "compartment.policy", "Result": "compartment.report"}
 
-__all__ = ["Convention", "Outcome", "Policy", "PolicyError", "Result", "run", "submit"]
+__all__ = ["Convention", "Failed", "Isolated", "Outcome", "Policy", "PolicyError", "Result",
+           "isolate", "run", "submit"]
 
 
 def __getattr__(name: str) -> object:

@@ -15,11 +15,15 @@ import socket
 import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from compartment import paths, rootfs, syscall_filter, syscalls, uidpool
 from compartment.confine import Plan, filesystem, namespaces, rlimits, scope, start
 from compartment.policy import Policy
 from compartment.watch import Watch
+
+if TYPE_CHECKING:
+    from compartment.learn.listener import Learner
 
 
 class ConfigError(Exception):
@@ -150,6 +154,23 @@ def open_named(policy: Policy) -> dict[str, int]:
     return opened
 
 
+def describe_root(policy: Policy, program: str | None = None) -> rootfs.Plan:
+    """The root a run would get, for the tools that show or reason about it (check, learn):
+    every named path opened as a run opens it, then closed again (the plan keeps no
+    descriptor)."""
+    opened = open_named(policy)
+    try:
+        if program and program not in opened:
+            try:
+                opened[program] = paths.open_path(program, trusted=paths.trusted_owners())
+            except paths.PathError as err:
+                raise ConfigError(f"program {err}") from None
+        fs = rootfs.plan(policy.filesystem, program, opened)
+    finally:
+        close_all(opened)
+    return replace(fs, entries=tuple(replace(e, fd=-1) for e in fs.entries))
+
+
 def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
     """Close the descriptors of named paths (and their detached mounts); empties both."""
     for fd in [*opened.values(), *(trees or ())]:
@@ -192,10 +213,16 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
 
 
 def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
-              env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
+              env: Mapping[str, str] | None,
+              learner: Learner | None = None) -> tuple[Watch, Prepared]:
+    """One run; `learner` is `compartment learn`'s (its filter, its notification handler),
+    None on every delivery path."""
     prepared = prepare(argv, policy, fds, env)
+    if learner is not None:
+        prepared.plan = replace(prepared.plan, seccomp=learner.compiled.prepared)
     try:
-        watch = Watch(policy.limits, fds, prepared.compiled.names)
+        watch = Watch(policy.limits, fds, prepared.compiled.names,
+                      learner.notified if learner is not None else None)
         try:
             handed = [(0, fds[0]), *watch.agent_ends(),
                       *((fd, fd) for fd in policy.descriptors.pass_)]

@@ -59,6 +59,13 @@ SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif), 80 bytes
 SECCOMP_NOTIF_SIZE = 80
+# For `compartment learn` only (its listener answers instead of killing; Linux 5.5 for CONTINUE):
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp), 24 bytes
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_RET_ACTION_FULL = 0xFFFF0000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 CLOSE_RANGE_CLOEXEC = 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -196,11 +203,18 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32))
 
 
+# Bound once here, as _mount and _prctl are: a process cloned from this one (a compartment.isolate
+# prison) then calls them without making the function objects, and writes fewer of the pages
+# it shares with its parent (each such write is a page copied).
+_CapSets = _CapData * 2
+_capget, _capset, _setns = _libc.capget, _libc.capset, _libc.setns
+
+
 def capget() -> dict[str, int]:
     """This thread's capability sets as 64-bit masks, read in one capget(2)."""
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
-    data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    data = _CapSets()
+    _check(_capget(ctypes.byref(header), data), "capget")
     return {name: getattr(data[0], name) | getattr(data[1], name) << 32
             for name in ("effective", "permitted", "inheritable")}
 
@@ -221,7 +235,7 @@ def unshare(flags: int) -> None:
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), "setns", hex(nstype))
+    _check(_setns(fd, nstype), "setns", hex(nstype))
 
 
 # Landlock (linux/landlock.h): only its scopes are used, which need ABI 6 (Linux 6.12).
@@ -259,4 +273,4 @@ def sethostname(name: str) -> None:
 def capset_empty() -> None:
     """Clear this thread's effective, permitted and inheritable sets in one capset(2)."""
     header = _CapHeader(0x20080522, 0)
-    _check(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
+    _check(_capset(ctypes.byref(header), _CapSets()), "capset")

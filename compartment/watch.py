@@ -136,6 +136,13 @@ class Watch:
         if self.killed_for is None and time.monotonic() >= self.deadline:
             self.kill(Outcome.TIMEOUT)
 
+    def commit(self, caller_out: int) -> None:
+        """A compartment started ahead of its request (compartment.isolate's prisons) gets it:
+        where its output goes, and its time, which counts from now."""
+        self.caller_out = caller_out
+        self.started = time.monotonic()
+        self.deadline = self.started + self.limits.wall_timeout_s
+
     def run(self) -> None:
         """Watch this one compartment to its end."""
         poller = select.poll()

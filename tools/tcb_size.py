@@ -18,6 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent / "compartment"
 # before anything runs, and the compilers' results are cached; they are counted apart so the
 # figure for the code that handles the agent stays visible.
 LOADER = {"policy.py", "policy_fields.py", "syscall_filter.py", "rootfs.py"}
+# The policy tools (learn, audit) are the administrator's, never on a delivery path: counted
+# apart.  The few lines that let `compartment learn` hook the supervisor (watch.py's learner,
+# supervise's learner argument) are in the core's figure.
+TOOLS = {"audit.py", "policy_tools.py"}
+TOOL_DIRS = {"learn"}
+
+
+def is_tool(path: Path) -> bool:
+    if ROOT not in path.parents:
+        return False  # bin/compartment
+    relative = path.relative_to(ROOT)
+    return relative.name in TOOLS or relative.parts[0] in TOOL_DIRS
 # The resident supervisor's own modules (compartment serve), privileged: the daemon's loop and
 # request handling, the spawner, the wire format's decoder, authorization, its configuration.
 DAEMON = {"server.py", "connection.py", "listening.py", "ahead.py", "spawner.py", "protocol.py",
@@ -93,12 +105,13 @@ def main() -> int:
     in_daemon = closure([ROOT / name for name in DAEMON_ENTRY]) | {ROOT / "cli.py", command}
     for path, count in counts.items():
         side = "client, unprivileged" if path.name in CLIENT else \
-            "daemon" if path in in_daemon else ""
+            "daemon" if path in in_daemon else "tool" if is_tool(path) else ""
         print(f"{count:6d}  {path.relative_to(ROOT.parent)}" + (f"  ({side})" if side else ""))
     groups = {"trusted core (supervisor, confinement, CLI glue)":
-              lambda p: p.name not in LOADER | DAEMON | CLIENT,
+              lambda p: p.name not in LOADER | DAEMON | CLIENT and not is_tool(p),
               "policy loader and its compilers (syscall filter, root plan)":
               lambda p: p.name in LOADER,
+              "policy tools (learn, audit): not on the delivery path": is_tool,
               "resident supervisor's own modules (server, connection, listening, ahead, "
               "spawner, protocol, authorization, config, log)": lambda p: p.name in DAEMON,
               "everything privileged in the resident supervisor's processes (all of the "
