@@ -48,6 +48,7 @@ class Delivery:
         self.counted = False  # in the live statistics
         self.ended = False  # answered: events still queued for it are dropped
         self.accepted = False  # ACCEPTED sent (to a client whose delivery runs long)
+        self.stopped = ""  # why the client ended it early (its compartment is killed)
 
     def close(self) -> None:
         """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
@@ -75,7 +76,8 @@ class Connection:
         self.sock, self.peer, self.rule = sock, peer, rule
         self.deadline = time.monotonic() + request_timeout_s
         self.delivery: Delivery | None = None
-        self.gone = False  # the client hung up or broke the protocol mid-delivery
+        self.gone = False  # the client hung up mid-delivery
+        self.violated = False  # it sent more than its one request
         # Refused and answered: waiting for the client to close, so that closing first with its
         # request unread does not reset the connection before it reads the answer.
         self.lingering = False

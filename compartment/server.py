@@ -124,9 +124,9 @@ class Server:
             if delivery is None:
                 out[fd] = (select.POLLIN, lambda ev, c=conn: self._guarded(c, self._on_request, c))
                 continue
-            if not conn.gone:
-                out[fd] = (select.POLLIN | select.POLLRDHUP,
-                           lambda ev, c=conn: self._guarded(c, self._on_hangup, c))
+            if not conn.gone:  # after a second request, only its hanging up
+                interest = select.POLLRDHUP | (0 if conn.violated else select.POLLIN)
+                out[fd] = (interest, lambda ev, c=conn: self._guarded(c, self._on_hangup, c, ev))
             if delivery.spool is not None:
                 out[delivery.fds[0]] = (select.POLLIN,
                                         lambda ev, c=conn: self._guarded(c, self._on_spool, c))
@@ -427,7 +427,8 @@ class Server:
             return
         delivery.watch.start(pid, delivery.status)
         delivery.running = True
-        if conn.gone:
+        if delivery.stopped:
+            delivery.watch.caller_error = delivery.stopped
             delivery.watch.kill(Outcome.INTERNAL_ERROR)
 
     def _maybe_accept(self, conn: Connection, now: float) -> None:
@@ -451,16 +452,29 @@ class Server:
         self.spawner.process.wait()
         self.spawner = Spawner()
 
-    def _on_hangup(self, conn: Connection) -> None:
-        """Anything on a connection mid-delivery: the client left, or broke the protocol."""
+    def _on_hangup(self, conn: Connection, events: int) -> None:
+        """Anything on a connection mid-delivery: the client left (its compartment is killed
+        and reaped, unanswered), or sent a second request (refused: the first is stopped, and
+        answered with that reason)."""
         delivery = conn.delivery
         assert delivery is not None
         if delivery.ended:
             return
-        conn.gone = True
-        delivery.watch.caller_error = "the client disconnected (or sent more than one request)"
+        if events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+            conn.gone, why = True, "the client disconnected"
+        else:
+            with contextlib.suppress(OSError):  # what it sent is dropped, whatever it was
+                _, fds, _ = receive(conn.sock)
+                for fd in fds:
+                    os.close(fd)
+            conn.violated, why = True, "a second request on one connection: refused"
+            self.log.refusal(conn.peer, why)
+        delivery.stopped = why
         if delivery.running:
+            delivery.watch.caller_error = why
             delivery.watch.kill(Outcome.INTERNAL_ERROR)
+        elif delivery.spool is not None:  # nothing runs yet: over now
+            self._end(conn, failed(delivery, why))
 
     def _on_watch(self, conn: Connection, fd: int, events: int) -> None:
         delivery = conn.delivery

@@ -256,6 +256,7 @@ def daemon_command() -> str:
     (request(["/bin/true"], flags=1 << 9), "unknown flags"),
     (request(["/bin/true"], sets=["novalue"]), "expected KEY=VALUE"),
     (request([]), "no program given"),
+    (b"CMPQ" + b"\0" * (protocol.MAX_REQUEST_BYTES + 16), "request larger than"),
 ])
 def test_garbage_is_refused_with_a_reason(daemon, data, why):
     with open("/dev/null", "r+b") as null:
@@ -273,6 +274,42 @@ def test_descriptors_must_match_the_request_and_the_policy(daemon):
         kind, answer = raw_request(daemon.socket, request(["/bin/true"]),
                                    [null.fileno()] * (protocol.MAX_FDS + 2))
         assert "more than 16 descriptors" in answer["reason"]
+
+
+def test_a_second_request_on_one_connection_stops_the_first_and_is_refused(daemon):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(30)
+    sock.connect(daemon.socket)
+    with open("/dev/null", "r+b") as null:
+        first = request(["/bin/sleep", "20"], sets=IN_POOL[0].removeprefix("--set=").split())
+        socket.send_fds(sock, [first], [null.fileno()] * 3)
+        assert wait_for(lambda: uid_processes(POOL, "sleep"), 20)
+        socket.send_fds(sock, [request(["/bin/true"])], [null.fileno()] * 3)
+        started = time.monotonic()
+        kind, answer = protocol.decode_answer(sock.recv(protocol.MAX_ANSWER_BYTES))
+    sock.close()
+    assert (answer["outcome"], answer["exit_status"]) == ("internal-error", 75)
+    assert "a second request on one connection" in answer["reason"]
+    assert time.monotonic() - started < 15  # the sleep was stopped, not waited for
+    assert wait_for(lambda: not uid_processes(POOL, "sleep"), 10)
+    assert "refused peer=uid:0" in daemon.log()
+
+
+def test_a_peer_gets_no_more_than_its_max_live_compartments_at_once(daemon):
+    sleepers = [subprocess.Popen([daemon_command(), "submit", "--socket", daemon.socket, "--",
+                                  "/bin/sleep", "5"], stdin=subprocess.DEVNULL, user=PEER,
+                                 group=PEER, extra_groups=[]) for _ in range(4)]  # max_live
+    try:
+        assert wait_for(lambda: b"live compartments: 4" in subprocess.run(
+            [daemon_command(), "status", "--socket", daemon.socket], capture_output=True,
+            timeout=30, check=False).stdout, 20)
+        fifth = daemon.submit(["/bin/true"], user=PEER)
+        assert fifth.status == 75 and b"its limit" in fifth.stderr, fifth.stderr
+        assert daemon.submit(["/bin/true"]).status == 0  # another peer (root) still served
+    finally:
+        for sleeper in sleepers:
+            sleeper.wait(timeout=60)
+    assert all(s.returncode == 0 for s in sleepers)
 
 
 def test_a_client_that_sends_its_own_socket_as_stdout_is_refused(daemon):
