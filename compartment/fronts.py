@@ -6,8 +6,8 @@ agent run to the resident supervisor (`compartment serve`) through its client, w
 as a sealed memfd.  It never runs agent code and holds no privilege; it can ask the supervisor
 for no more than its user's rule in serve.toml allows.  Not part of the trusted core.
 
-The supervisor's client is the seam: `resident_submit()` picks it when the front starts; the
-tests hand the fronts a stand-in with the same signature instead.
+The supervisor's client is the seam: `resident_submit()` picks it when the front starts; tests
+that run without the daemon hand the fronts a stand-in with the same signature instead.
 """
 
 from __future__ import annotations
@@ -52,22 +52,10 @@ class Submit(Protocol):
 
 
 def resident_submit() -> Submit:
-    """compartment.submit, the resident supervisor's client; without it (an installation
-    whose supervisor has no client yet), every run is a temporary failure saying so."""
-    try:
-        from compartment.client import submit  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return _no_client
-    return submit  # type: ignore[no-any-return, unused-ignore]
+    """compartment.submit, the resident supervisor's client (compartment.client)."""
+    from compartment.client import submit
 
-
-def _no_client(argv: Sequence[str], policy_name: str, *, stderr: int, **_: Any) -> Result:
-    from compartment.api import failure
-
-    reason = "the resident supervisor's client (compartment.client) is not installed"
-    with contextlib.suppress(OSError):
-        os.write(stderr, f"4.3.0 compartment: {reason}\n".encode())
-    return failure(Outcome.INTERNAL_ERROR, reason, policy_name, argv, Convention.SYSEXITS)
+    return submit
 
 
 # --- the listening socket ------------------------------------------------------------------

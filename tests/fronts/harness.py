@@ -18,14 +18,27 @@ PYTHON = "/usr/bin/python3"  # the agents' interpreter: visible inside the filte
 START_S = 30.0
 
 
+COMMAND = str(Path(sys.executable).parent / "compartment")  # the installed bin/compartment
+
+
 class Running:
-    """A front process, its socket and its log (stderr, --log stderr)."""
+    """A front process, its socket and its log (stderr, --log stderr): with the stand-in for
+    the supervisor's client, as root (tests/fronts/launch.py); or, given a uid, the installed
+    command as that uid, a client of a real `compartment serve`."""
 
     def __init__(self, front: str, socket_path: Path, options: Sequence[str],
-                 program: Sequence[str], log: Path) -> None:
+                 program: Sequence[str], log: Path, uid: int | None = None,
+                 groups: Sequence[int] = ()) -> None:
         self.socket_path, self.log_path = socket_path, log
-        argv = [sys.executable, str(LAUNCH), front, "--listen", f"unix:{socket_path}",
-                "--log", "stderr", *options, "--", *program]
+        command = [sys.executable, str(LAUNCH)]
+        if uid is not None:
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                       f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+                       COMMAND]
+        if socket_path.exists():  # a stopped front's: the new one's is waited for below
+            socket_path.unlink()
+        argv = [*command, front, "--listen", f"unix:{socket_path}", "--log", "stderr",
+                *options, "--", *program]
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=stderr)
