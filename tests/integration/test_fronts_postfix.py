@@ -2,12 +2,13 @@
 the Maildirs of two users, and smtpd_milters through `compartment milter`, swaks as the SMTP
 client.  Each outcome is checked where Postfix records it: its queue and its log.
 
-The fronts run as tests/fronts/launch.py starts them: as root, with the stand-in for the
-resident supervisor's client (tests/fronts/standin.py), until compartment serve is merged.
+The fronts run as deployed: the installed command under uids of their own, each a client of a
+real resident supervisor (`compartment serve`, as root, with rules for the two fronts alone).
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -26,7 +27,6 @@ from .debian import install_replacing, require_root_debian
 from .mailsite import (
     MTA_TIME_LIMIT_S,
     PIPE_USER,
-    REPO,
     SENDER,
     SITE,
     bounces_for,
@@ -39,18 +39,20 @@ from .mailsite import (
 from .mta_cases import site, smtp_port_free, smtp_ready
 from .test_postfix import CONFLICTING, PRESEED, _running
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from serving import Daemon  # noqa: E402
+
 pytestmark = pytest.mark.mta
 __all__ = ["site"]
 
-LAUNCH = REPO / "tests" / "fronts" / "launch.py"
-PRIVATE = Path("/var/spool/postfix/private")
-LMTP_SOCKET = PRIVATE / "compartment-lmtp"
-MILTER_SOCKET = PRIVATE / "compartment-milter"
-DOWN_MILTER_SOCKET = PRIVATE / "compartment-milter-down"
+COMMAND = str(Path(sys.executable).parent / "compartment")  # the installed bin/compartment
+LMTP_UID, MILTER_UID = 64040, 64041  # the fronts' users (no passwd entry needed)
+LMTP_SOCKET = SITE / "lmtp" / "lmtp.sock"
+MILTER_SOCKET = SITE / "milter" / "milter.sock"
+DOWN_MILTER_SOCKET = SITE / "milter" / "down.sock"
 MILTER_PORT, DOWN_MILTER_PORT = 10031, 10032
 USERS = ("ct-alice", "ct-bob")
 LOG_FILE = SITE / "postfix.log"
-SUPERVISOR = SITE / "supervisor"  # the stand-in's "the daemon is up"
 PYTHON = "/usr/bin/python3"
 # The delivery agent: behaviour by the address extension (alice+temp@, bob+perm@...).
 AGENT = r"""
@@ -131,11 +133,33 @@ def _configure() -> None:
                      f"smtpd -o smtpd_milters=unix:{path}"])
 
 
+def _rules() -> str:
+    return f"""
+[[allow]]
+user = {LMTP_UID}
+policies = ["deliver"]
+set = ["filesystem.writable", "limits.wall_timeout_s"]
+deliver_as_owner = ["{SITE}/home/*/Maildir"]
+
+[[allow]]
+user = {MILTER_UID}
+policies = ["filter"]
+set = ["limits.wall_timeout_s"]
+"""
+
+
 class Front:
-    def __init__(self, kind: str, path: Path, options: list[str], program: list[str]) -> None:
+    """A front as its own uid, in group postfix so that its socket is Postfix's to reach."""
+
+    def __init__(self, kind: str, uid: int, path: Path, options: list[str],
+                 program: list[str]) -> None:
         self.log = SITE / f"{path.name}.log"
-        argv = [sys.executable, str(LAUNCH), kind, "--listen", f"unix:{path}", "--log",
-                "stderr", "--socket-group", "postfix", *options, "--", *program]
+        path.parent.mkdir(exist_ok=True)
+        os.chown(path.parent, uid, uid)
+        postfix_gid = grp.getgrnam("postfix").gr_gid
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={postfix_gid}",
+                COMMAND, kind, "--listen", f"unix:{path}", "--log", "stderr",
+                "--socket-group", "postfix", *options, "--", *program]
         with self.log.open("wb") as stderr:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
                                             stdout=subprocess.DEVNULL)
@@ -160,17 +184,18 @@ def postfix(site: None) -> Iterator[dict[str, Path]]:
     wait_for(smtp_port_free, "port 25 to be free for Postfix", timeout_s=30)
     prepare_site()
     maildirs = _users()
-    SUPERVISOR.write_text("")
     _configure()
     run_checked(["postfix", "check"])
-    common = ["--socket", str(SUPERVISOR), "--set", "limits.wall_timeout_s=5"]
+    daemon = Daemon(config=_rules()).start()
+    common = ["--socket", daemon.socket, "--set", "limits.wall_timeout_s=5"]
     fronts = [
-        Front("lmtp", LMTP_SOCKET, [*common, "--recipient-delimiter", "+", "--set",
-                                    "filesystem.writable={mailbox}"],
+        Front("lmtp", LMTP_UID, LMTP_SOCKET, [*common, "--recipient-delimiter", "+", "--set",
+                                              "filesystem.writable={mailbox}"],
               [PYTHON, "-c", AGENT, "{mailbox}"]),
-        Front("milter", MILTER_SOCKET, [*common, "--rewrite"], [PYTHON, "-c", FILTER]),
-        Front("milter", DOWN_MILTER_SOCKET, ["--socket", str(SITE / "no-supervisor")],
+        Front("milter", MILTER_UID, MILTER_SOCKET, [*common, "--rewrite"],
               [PYTHON, "-c", FILTER]),
+        Front("milter", MILTER_UID, DOWN_MILTER_SOCKET,
+              ["--socket", str(SITE / "no-supervisor")], [PYTHON, "-c", FILTER]),
     ]
     run_checked(["postfix", "start"])
     try:
@@ -182,6 +207,7 @@ def postfix(site: None) -> Iterator[dict[str, Path]]:
         subprocess.run(["postfix", "stop"], capture_output=True, check=False)
         for front in fronts:
             front.stop()
+        daemon.stop()
         wait_for(smtp_port_free, "Postfix to close port 25", timeout_s=30)
         remove_site()
         for user in USERS:
