@@ -10,8 +10,8 @@ Latency: one message at a time through an smtpd with `compartment milter` (a /bi
 no rewrite) in smtpd_milters, against the same smtpd without a milter: the milter's added
 milliseconds per message (the time to the reply to the final dot).
 
-The fronts run with the stand-in for the supervisor's client (tests/fronts/standin.py: a
-process running compartment.run per delivery) until compartment serve is merged.  Needs root,
+The fronts run as deployed: the installed command under uids of their own, clients of a
+`compartment serve` started for the section (its rules for the two fronts alone).  Needs root,
 Postfix and dovecot-lmtpd installed; takes the real-MTA tests' site lock while it runs, and
 stops Postfix at the end.
 """
@@ -19,6 +19,7 @@ stops Postfix at the end.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import pwd
 import shutil
@@ -41,8 +42,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SITE = Path("/var/lib/compartment-bench")
 USER = "compartment-bench"
 PRIVATE = Path("/var/spool/postfix/private")
-FRONT_SOCKET, DOVECOT_SOCKET = PRIVATE / "bench-compartment-lmtp", PRIVATE / "bench-dovecot-lmtp"
-MILTER_SOCKET = PRIVATE / "bench-compartment-milter"
+DOVECOT_SOCKET = PRIVATE / "bench-dovecot-lmtp"
+FRONT_SOCKET, MILTER_SOCKET = SITE / "lmtp" / "lmtp.sock", SITE / "milter" / "milter.sock"
+DAEMON_SOCKET = SITE / "daemon" / "socket"
+LMTP_UID, MILTER_UID = 64050, 64051  # the fronts' users (no passwd entry needed)
+RULES = """
+[[allow]]
+user = {lmtp}
+policies = ["deliver"]
+set = ["filesystem.writable"]
+deliver_as_owner = ["{site}/front/Maildir"]
+max_live = 16
+
+[[allow]]
+user = {milter}
+policies = ["filter"]
+max_live = 16
+"""
 PLAIN_PORT, MILTER_PORT = 10051, 10052
 SITE_LOCK = Path("/run/lock/compartment-test-site.lock")
 DOVECOT_CONF = """protocols = lmtp
@@ -88,7 +104,7 @@ def fronts(ctx: Context) -> list[Target]:
         finally:
             _teardown(processes)
     return [Target("LMTP front rate / Dovecot LMTP rate", rate, 0.5, True,
-                   note="(stand-in client: a compartment.run process per delivery)"),
+                   note="(through compartment serve)"),
             Target("milter added latency per message", added, 1000.0, False, " ms",
                    note="(no target in issue 13: reported)")]
 
@@ -112,27 +128,39 @@ def _prepare(processes: list[subprocess.Popen]) -> None:
     shutil.copyfile(ROOT / "examples" / "agents" / "maildir-deliver.py", agent)
     agent.chmod(0o755)
     (SITE / "map").write_text(f"bench {SITE / 'front' / 'Maildir'}\n")
-    (SITE / "supervisor").write_text("")
     (SITE / "dovecot.conf").write_text(DOVECOT_CONF.format(
         site=SITE, uid=entry.pw_uid, gid=entry.pw_gid, socket=DOVECOT_SOCKET))
     _postfix_config()
     subprocess.run(["dovecot", "-c", str(SITE / "dovecot.conf")], check=True)
-    common = ["--socket", str(SITE / "supervisor"), "--log", "stderr", "--socket-group",
-              "postfix"]
-    launch = [sys.executable, str(ROOT / "tests" / "fronts" / "launch.py")]
-    for argv in (
-            [*launch, "lmtp", "--listen", f"unix:{FRONT_SOCKET}", *common,
-             "--recipients", f"map:{SITE / 'map'}", "--set", "filesystem.writable={mailbox}",
-             "--", str(agent), "{mailbox}"],
-            [*launch, "milter", "--listen", f"unix:{MILTER_SOCKET}", *common, "--",
-             "/bin/cat"]):
-        with (SITE / f"{argv[len(launch)]}.log").open("wb") as log:
-            processes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=log,
-                                              stdout=subprocess.DEVNULL))
+    command = str(Path(sys.executable).parent / "compartment")
+    (SITE / "daemon").mkdir()
+    (SITE / "daemon" / "serve.toml").write_text(RULES.format(lmtp=LMTP_UID, milter=MILTER_UID,
+                                                             site=SITE))
+    _spawn(processes, "daemon", [command, "serve", "--socket", str(DAEMON_SOCKET), "--config",
+                                 str(SITE / "daemon" / "serve.toml"), "--log", "stderr"])
+    _wait(DAEMON_SOCKET.exists, "compartment serve")
+    common = ["--socket", str(DAEMON_SOCKET), "--log", "stderr", "--socket-group", "postfix"]
+    gid = grp.getgrnam("postfix").gr_gid
+    for kind, uid, path, tail in (
+            ("lmtp", LMTP_UID, FRONT_SOCKET, ["--recipients", f"map:{SITE / 'map'}", "--set",
+                                              "filesystem.writable={mailbox}", "--",
+                                              str(agent), "{mailbox}"]),
+            ("milter", MILTER_UID, MILTER_SOCKET, ["--", "/bin/cat"])):
+        path.parent.mkdir()
+        os.chown(path.parent, uid, uid)
+        _spawn(processes, kind, ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                 f"--groups={gid}", command, kind, "--listen", f"unix:{path}",
+                                 *common, *tail])
     subprocess.run(["postfix", "start"], check=True, capture_output=True)
     _wait(lambda: FRONT_SOCKET.exists() and MILTER_SOCKET.exists() and
           DOVECOT_SOCKET.exists() and _smtp_ready(PLAIN_PORT) and _smtp_ready(MILTER_PORT),
           "Postfix, Dovecot and the fronts")
+
+
+def _spawn(processes: list[subprocess.Popen], name: str, argv: list[str]) -> None:
+    with (SITE / f"{name}.log").open("wb") as log:
+        processes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=log,
+                                          stdout=subprocess.DEVNULL))
 
 
 def _postfix_config() -> None:
@@ -156,7 +184,7 @@ def _teardown(processes: list[subprocess.Popen]) -> None:
     subprocess.run(["postfix", "stop"], capture_output=True, check=False)
     subprocess.run(["dovecot", "-c", str(SITE / "dovecot.conf"), "stop"], capture_output=True,
                    check=False)
-    for process in processes:
+    for process in reversed(processes):  # the fronts first, then the daemon
         process.send_signal(signal.SIGTERM)
     for process in processes:
         try:
