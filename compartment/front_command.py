@@ -80,8 +80,10 @@ def parser(front: str) -> argparse.ArgumentParser:
                         help="mode of a unix listening socket (default 0660)")
     parser.add_argument("--socket-group", help="group of a unix listening socket (one of "
                         "the front user's groups)")
-    parser.add_argument("--max-sessions", type=_positive, default=20,
-                        help="connections at once; more are refused (default 20)")
+    # Postfix's lmtp(8) opens up to its destination concurrency (20) and keeps idle ones in its
+    # connection cache besides: an idle session costs the front little, a run is what counts.
+    parser.add_argument("--max-sessions", type=_positive, default=100,
+                        help="connections at once; more are refused (default 100)")
     parser.add_argument("--max-runs", type=_positive, default=8,
                         help="runs asked of the supervisor at once (default 8)")
     parser.add_argument("--max-message-bytes", type=_positive, default=50 << 20,

@@ -96,7 +96,7 @@ class Connection(LMTP):
 
     async def _handle_client(self) -> None:
         if self.refused:
-            self.front.log.warning(f"refused a session from {self.session.peer}: "
+            self.front.log.warning(f"refused a session from {self.session.peer or 'unix'}: "
                                    f"{self.front.max_sessions} sessions already")
             await self.push("421 4.3.2 too many sessions, try again later")
             self.transport.close()

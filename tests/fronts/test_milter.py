@@ -76,12 +76,18 @@ def conversation(front, headers=HEADERS, body=BODY, actions=ALL_ACTIONS, steps=A
         client.close()
 
 
-def test_negotiation_asks_for_what_it_needs_and_no_more(where):
-    front = start(where, ECHO, "--rewrite")
+def converse(where, code, *options, supervisor="supervisor", **kwargs):
+    """Start a front with filter `code`, one conversation, stop it: (negotiated, replies, log)."""
+    front = start(where, code, *options, supervisor=supervisor)
     try:
-        (actions, steps), replies = conversation(front)
+        negotiated, replies = conversation(front, **kwargs)
     finally:
         front.stop()
+    return negotiated, replies, front.log
+
+
+def test_negotiation_asks_for_what_it_needs_and_no_more(where):
+    (actions, steps), replies, log = converse(where, ECHO, "--rewrite")
     assert actions == mp.ADD_HEADERS | mp.CHANGE_HEADERS | mp.CHANGE_BODY
     assert steps & mp.HEADER_LEADING_SPACE and steps & mp.NR_HEADER
     assert not steps & mp.NO_HEADERS and not steps & mp.NO_BODY
@@ -89,59 +95,36 @@ def test_negotiation_asks_for_what_it_needs_and_no_more(where):
 
 
 def test_without_rewrite_the_milter_asks_for_no_action(where):
-    front = start(where, ADD_TOP)
-    try:
-        (actions, _), replies = conversation(front)
-    finally:
-        front.stop()
+    (actions, _), replies, log = converse(where, ADD_TOP)
     assert actions == 0 and replies == [(b"c", b"")]
 
 
 def test_header_on_top_is_inserted_at_zero(where):
-    front = start(where, ADD_TOP, "--rewrite")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, ADD_TOP, "--rewrite")
     assert replies == [(b"i", struct.pack("!I", 0) + b"X-Top\0 1\0"), (b"c", b"")]
-    assert "action=accept" in front.log and "4QUEUEID" in front.log
+    assert "action=accept" in log and "4QUEUEID" in log
 
 
 def test_under_postfix_an_insertion_counts_its_unseen_received_header(where):
-    front = start(where, ADD_TOP, "--rewrite")
-    try:
-        _, replies = conversation(front, mta="Postfix 3.7.11")
-    finally:
-        front.stop()
+    _, replies, log = converse(where, ADD_TOP, "--rewrite", mta="Postfix 3.7.11")
     assert replies == [(b"i", struct.pack("!I", 1) + b"X-Top\0 1\0"), (b"c", b"")]
 
 
 def test_header_only_filter_adds_headers_without_a_body(where):
-    front = start(where, ADD_END, "--rewrite")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, ADD_END, "--rewrite")
     assert replies == [(b"h", b"X-Spam-Flag\0 NO\0"), (b"h", b"X-Spam-Score\0 0.1\0"),
                        (b"c", b"")]
 
 
 def test_changed_header_and_body(where):
-    front = start(where, REWRITE, "--rewrite")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, REWRITE, "--rewrite")
     assert replies == [(b"m", struct.pack("!I", 1) + b"Subject\0 [filtered] hello\0"),
                        (b"b", b"LINE ONE\r\nLINE TWO\r\n"), (b"c", b"")]
 
 
 def test_body_change_the_mta_did_not_allow_tempfails(where):
-    front = start(where, REWRITE, "--rewrite")
-    try:
-        _, replies = conversation(front, actions=mp.ADD_HEADERS | mp.CHANGE_HEADERS)
-    finally:
-        front.stop()
+    _, replies, _ = converse(where, REWRITE, "--rewrite",
+                             actions=mp.ADD_HEADERS | mp.CHANGE_HEADERS)
     (code, data), = replies
     assert code == b"y" and data.startswith(b"451 4.3.0 the filter changed the body")
 
@@ -160,43 +143,27 @@ def test_the_filter_sees_headers_as_received_then_the_body(where):
 
 
 def test_permanent_verdict_rejects_with_the_filters_words(where):
-    front = start(where, REJECT, "--rewrite")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, REJECT, "--rewrite")
     assert replies == [(b"y", b"550 5.7.1 spam, go away\0")]
-    assert "action=reject" in front.log
+    assert "action=reject" in log
 
 
 def test_timeout_tempfails(where):
-    front = start(where, SLOW)
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, SLOW)
     (code, data), = replies
     assert code == b"y" and data.startswith(b"451 4.4.7 compartment: timed out after 5 s")
 
 
 def test_supervisor_down_tempfails(where):
-    front = start(where, ECHO, supervisor="no-such-socket")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, ECHO, supervisor="no-such-socket")
     (code, data), = replies
     assert code == b"y" and data.startswith(b"451 4.3.0 compartment: cannot reach the daemon")
 
 
 def test_on_failure_pass_lets_the_message_through_unchanged(where):
-    front = start(where, SLOW, "--rewrite", "--set", "filter.on_failure=pass")
-    try:
-        _, replies = conversation(front)
-    finally:
-        front.stop()
+    _, replies, log = converse(where, SLOW, "--rewrite", "--set", "filter.on_failure=pass")
     assert replies == [(b"c", b"")]
-    assert "action=pass-unfiltered" in front.log
+    assert "action=pass-unfiltered" in log
 
 
 @pytest.mark.parametrize("garbage", [
