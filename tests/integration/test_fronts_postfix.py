@@ -149,17 +149,17 @@ set = ["limits.wall_timeout_s"]
 
 
 class Front:
-    """A front as its own uid, in group postfix so that its socket is Postfix's to reach."""
+    """A front as its own uid, in the MTA's group so that its socket is the MTA's to reach."""
 
     def __init__(self, kind: str, uid: int, path: Path, options: list[str],
-                 program: list[str]) -> None:
+                 program: list[str], group: str = "postfix") -> None:
         self.log = SITE / f"{path.name}.log"
         path.parent.mkdir(exist_ok=True)
         os.chown(path.parent, uid, uid)
-        postfix_gid = grp.getgrnam("postfix").gr_gid
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={postfix_gid}",
+        gid = grp.getgrnam(group).gr_gid
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={gid}",
                 COMMAND, kind, "--listen", f"unix:{path}", "--log", "stderr",
-                "--socket-group", "postfix", *options, "--", *program]
+                "--socket-group", group, *options, "--", *program]
         with self.log.open("wb") as stderr:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
                                             stdout=subprocess.DEVNULL)
