@@ -103,6 +103,14 @@ class Connection(LMTP):
             return
         await super()._handle_client()
 
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd echoes arguments in some replies (VRFY, syntax errors); with SMTPUTF8 on, an
+        # argument that was not UTF-8 holds surrogates its own encoding refuses, which became an
+        # exception and a 4xx for malformed input.  Such bytes are sent as "?".
+        if isinstance(status, str):
+            status = status.encode("utf-8", "replace")
+        await super().push(status)
+
     async def smtp_DATA(self, arg: str) -> None:
         self._reset_timeout(self.event_handler.limits.data_timeout_s)
         await super().smtp_DATA(arg)

@@ -259,3 +259,54 @@ def _connectable(path) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_random_command_lines_get_a_reply_and_never_a_crash(site):
+    """Whatever line arrives, a reply comes (2xx, or 5xx for what is malformed; aiosmtpd
+    closes after five unknown commands with 502), and the front serves the next session."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tmp_path, _ = site
+    front = start(tmp_path)
+    state = {"client": None}
+
+    def connected() -> Client:
+        if state["client"] is None:
+            state["client"] = Client(front.socket_path, timeout_s=10)
+            state["client"].command("LHLO fuzz.example")
+        return state["client"]
+
+    lines = st.one_of(st.binary(max_size=700),
+                      st.builds(lambda verb, rest: verb + b" " + rest,
+                                st.sampled_from([b"MAIL FROM:", b"RCPT TO:", b"LHLO", b"VRFY",
+                                                 b"NOOP", b"RSET", b"HELP", b"EXPN"]),
+                                st.binary(max_size=300)))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(lines.map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+    def one(line: bytes) -> None:
+        client = connected()
+        client.send(line + b"\r\n")
+        try:
+            reply = client.reply()
+        except ConnectionError:
+            state["client"] = None  # closed after a 5xx goodbye: a new session next
+            return
+        code = reply[-1][:3]
+        assert code[:1] in ("2", "5") or code in ("354", "421"), (line, reply)
+        if code == "354":  # DATA got through (after a valid MAIL and RCPT): end it
+            client.send(b".\r\n")
+            client.reply()
+        if code in ("221", "421") or reply[-1].startswith("502 5.5.1"):
+            client.close()
+            state["client"] = None
+
+    try:
+        one()
+        assert front.process.poll() is None
+        fresh = Client(front.socket_path)
+        assert fresh.command("LHLO after.example")[-1].startswith("250")
+        assert fresh.command("NOOP")[0].startswith("250")
+    finally:
+        assert front.stop() == 0
