@@ -3,6 +3,7 @@ stand-in for the resident supervisor's client (tests/fronts/standin.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -202,3 +203,35 @@ def test_spamassassin_adds_its_headers_and_sends_no_body(where):
     assert codes[-1] == b"c" and b"b" not in codes and b"m" not in codes, (replies, front.log)
     added = [data.split(b"\0")[-3 if code == b"i" else 0] for code, data in replies[:-1]]
     assert any(name.endswith(b"X-Spam-Status") for name in added), replies
+
+
+def test_commands_in_any_order_never_crash_the_front(where):
+    """Valid packets in any order (a header before negotiation, an end of message without a
+    message, a body after an abort...): each session answers or ends, none raises inside the
+    front, and the front serves a proper conversation afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from .test_milter_protocol import commands
+
+    front = start(where, ECHO, "--rewrite")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(commands(), max_size=12))
+    def one(sequence) -> None:
+        client = MilterClient(front.socket_path, timeout_s=0.3)
+        # whatever it answers, until it waits for more (a timeout) or ends the session
+        with contextlib.suppress(OSError):
+            client.send(b"".join(encode_command(c) for c in sequence))
+            while True:
+                client.packet()
+        client.close()
+
+    try:
+        one()
+        assert front.process.poll() is None
+        _, replies = conversation(front)
+        assert replies == [(b"c", b"")]
+    finally:
+        front.stop()
+    assert "Traceback" not in front.log and "exception" not in front.log.lower(), front.log
