@@ -147,7 +147,7 @@ def _outcome(watch: Watch, policy: Policy,
         return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
                 f"status (wait status {status:#x})", None, None)
     if watch.killed_for:
-        reason = {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
+        reason = {Outcome.TIMEOUT: f"timed out: limits.wall_timeout_s = {limits.wall_timeout_s:g}",
                   Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
                   Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
                   Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]

@@ -9,7 +9,9 @@ Supervisor side, one thread, one poll() loop over descriptors only:
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
-whole compartment is killed through the pidfd.
+agent is killed through the pidfd its init handed over, and the init, which reaps it, then ends
+the compartment: its wait status carries what the agent used (CPU, peak memory), as after any
+run.  Should the init not be gone KILL_GRACE_S later, it is killed too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 
 from compartment import message, syscalls
 from compartment.confine.errors import RECORD, SetupError
-from compartment.confine.init import EXIT_RECORD, EXIT_TAG
+from compartment.confine.init import AGENT_RECORD, EXIT_RECORD, EXIT_TAG
 from compartment.confine.seccomp import LISTENER_RECORD
 from compartment.exits import Outcome
 from compartment.policy import Limits
@@ -36,6 +38,7 @@ from compartment.policy import Limits
 DIAGNOSTIC_BYTES = 4096
 PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
+KILL_GRACE_S = 1.0  # for the init to reap a killed agent before it is killed itself
 
 
 class Watch:
@@ -49,9 +52,10 @@ class Watch:
         self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # over the per-user pipe budget: slower, not wrong
             fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        self.pid = self.pidfd = self.listener = -1
+        self.pid = self.pidfd = self.listener = self.agent_pidfd = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
+        self.kill_deadline: float | None = None  # when the init is killed, once the agent was
         self.bytes_out = 0
         self.diagnostics = bytearray()
         self.killed_for: Outcome | None = None  # why we killed it; the caller's failure is ours
@@ -99,17 +103,37 @@ class Watch:
                     listening = True
                     handlers[self.listener] = self._on_notification
                     poller.register(self.listener, select.POLLIN)
-            if self.killed_for is None and time.monotonic() >= self.deadline:
+            now = time.monotonic()
+            if self.killed_for is None and now >= self.deadline:
                 self.kill(Outcome.TIMEOUT)
+            elif self.kill_deadline is not None and now >= self.kill_deadline and not self.rusage:
+                self._signal(self.pidfd)
+                self.kill_deadline = None
 
     def _poll_ms(self) -> int | None:
-        remaining_ms = math.ceil((self.deadline - time.monotonic()) * 1000)
-        return None if self.killed_for or self.rusage else max(0, remaining_ms)
+        if self.rusage:
+            return None
+        deadline = self.kill_deadline if self.killed_for else self.deadline
+        if deadline is None:
+            return None
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
     def kill(self, why: Outcome) -> None:
-        self.killed_for = self.killed_for or why  # the first reason is the one reported
+        """Kill the agent (the init reaps it and ends the compartment), or the init when the
+        agent's pidfd never came; a second call changes nothing."""
+        if self.killed_for:
+            return
+        self.killed_for = why  # the first reason is the one reported
+        if self.agent_pidfd >= 0:
+            self._signal(self.agent_pidfd)
+            self.kill_deadline = time.monotonic() + KILL_GRACE_S
+        else:
+            self._signal(self.pidfd)
+
+    @staticmethod
+    def _signal(pidfd: int) -> None:
         try:
-            syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            syscalls.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return  # already gone: nothing left to kill
 
@@ -124,13 +148,15 @@ class Watch:
         for fd in fds:
             if data == LISTENER_RECORD and self.listener < 0:
                 self.listener = fd
+            elif data == AGENT_RECORD and self.agent_pidfd < 0:
+                self.agent_pidfd = fd
             else:
                 os.close(fd)  # only the listener is ever sent, and only once
         if len(data) == RECORD.size:
             self.setup_error = SetupError.unpack(data)
         elif len(data) == EXIT_RECORD.size and data.startswith(EXIT_TAG):
             self.agent_wait_status = EXIT_RECORD.unpack(data)[1]
-        elif data and data != LISTENER_RECORD:
+        elif data and data not in (LISTENER_RECORD, AGENT_RECORD):
             self.setup_error = SetupError("internal", "status", 0, f"bad record of {len(data)}")
         return bool(data)
 
@@ -217,10 +243,12 @@ class Watch:
         return False
 
     def close(self) -> None:
-        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener):
+        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
+                   self.agent_pidfd):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
+        self.agent_pidfd = -1
         if self.status is not None:
             self.status.close()
         if self.rusage is None and self.pid > 0:

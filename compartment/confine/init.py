@@ -5,7 +5,9 @@ unless it handles them, so an agent running as pid 1 would survive its own kill(
 SIGKILL) and go on to exit 0.  Instead the first process, once confined, forks the agent and
 only waits: it reaps orphans, and when the agent ends it sends the agent's wait status to the
 supervisor as one fixed-size record and exits, which makes the kernel kill whatever the agent
-left behind.
+left behind.  First it hands the supervisor a pidfd of the agent, so that a run the supervisor
+kills (timeout, violation, output) ends like any other: the agent dies, this init reaps it, and
+the init's own wait status then carries the agent's CPU time and peak memory.
 
 Child side, pid 1, after every confinement step but seccomp and the late limits, which are the
 agent's own: it has the agent's uid, no capabilities, and holds no descriptor but the status
@@ -22,6 +24,7 @@ import struct
 
 EXIT_RECORD = struct.Struct("8si")
 EXIT_TAG = b"exited"
+AGENT_RECORD = b"agent"  # with the agent's pidfd (SCM_RIGHTS)
 
 
 def run(agent: int, status: socket.socket) -> None:
@@ -29,6 +32,9 @@ def run(agent: int, status: socket.socket) -> None:
     keep = status.fileno()
     os.closerange(0, keep)
     os.closerange(keep + 1, 1 << 20)
+    agent_pidfd = os.pidfd_open(agent)
+    socket.send_fds(status, [AGENT_RECORD], [agent_pidfd])
+    os.close(agent_pidfd)
     while True:
         pid, wait_status = os.waitpid(-1, 0)
         if pid == agent:
