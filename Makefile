@@ -124,12 +124,15 @@ uninstall:
 man: setup
 	$(PY) tools/manpages.py docs/man
 
-# A Debian package (debian/), built in a temporary copy; the .deb lands here.
+# A Debian package (debian/), built in a temporary copy with Debian's own python3 (PATH: not
+# an interpreter of the user's); the .deb lands in DEBDIR.
+DEBDIR ?= .
 deb:
 	$(call apt_install,$(DEB_DEBS))
 	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
 	mkdir "$$work/src"; cp -R $(SOURCES) debian docs examples "$$work/src/"; \
 	find "$$work/src" -name __pycache__ -prune -exec rm -rf {} +; \
-	(cd "$$work/src" && dpkg-buildpackage -b -us -uc >"$$work/build.log" 2>&1) || \
+	(cd "$$work/src" && PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+		dpkg-buildpackage -b -us -uc >"$$work/build.log" 2>&1) || \
 		{ tail -40 "$$work/build.log"; exit 1; }; \
-	cp "$$work"/compartment_*.deb .; ls compartment_*.deb
+	cp "$$work"/compartment_*.deb "$(DEBDIR)/"; ls "$(DEBDIR)"/compartment_*.deb

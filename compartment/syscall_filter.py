@@ -1,7 +1,8 @@
 """The syscall filter: the policy's seccomp section compiled into a BPF program, once.
 
 Supervisor side, before clone (the child only loads the result: compartment.confine.seccomp).
-The policy's groups and names become a BPF program through libseccomp (pyseccomp).  Compiling
+The policy's groups and names become a BPF program through libseccomp (pyseccomp, or the
+Debian package's python3-seccomp, libseccomp's own bindings with the same API).  Compiling
 costs tens of milliseconds, mostly in importing pyseccomp, so the program and its syscall-name
 table are cached by a hash of everything they depend on, in a directory only the caller can
 write.  Denied syscalls return SECCOMP_RET_USER_NOTIF: the calling
@@ -124,7 +125,10 @@ def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
 def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
     import tempfile
 
-    import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
+    try:  # slow (ctypes.util.find_library): only on a cache miss
+        import pyseccomp  # PyPI's bindings: make setup, make install
+    except ImportError:  # the Debian package: python3-seccomp, libseccomp's own, the same API
+        import seccomp as pyseccomp
 
     notify = pyseccomp.NOTIFY
     denied = set(expand(BASELINE + spec.deny))
@@ -152,11 +156,12 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
         flt.export_bpf(out)
         out.seek(0)
         bpf = out.read()
-    arch = pyseccomp.system_arch()
     names = {}
     for nr in range(1024):
         try:
-            names[nr] = pyseccomp.resolve_syscall(arch, nr).decode()
+            # NATIVE, not system_arch(): libseccomp's own bindings take the arch as a C int,
+            # which x86-64's token (0xc000003e) overflows.
+            names[nr] = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, nr).decode()
         except (OSError, ValueError, RuntimeError):
             continue
     return CompiledFilter(bpf, names)
