@@ -79,9 +79,9 @@ clean:
 # --- Installing -----------------------------------------------------------------------------
 # A virtual environment of Debian's python3 under $(PREFIX)/lib/compartment, world-readable
 # (the MTA's unprivileged users start it), the shell front as $(PREFIX)/bin/compartment with
-# that interpreter's path written in, the sample agents and the Postfix content filter under
-# $(PREFIX)/libexec/compartment, the man pages, and $(ETCDIR)/policies for the administrator's
-# own policies.  Built in a temporary copy of the tree (nothing is left here) and moved into
+# that interpreter's path written in, the sample agents under $(PREFIX)/libexec/compartment,
+# the man pages, the examples (the recipes are run from there), and $(ETCDIR)/policies for the
+# administrator's own policies.  Built in a temporary copy of the tree (nothing is left here) and moved into
 # place, so a reinstall never leaves a half-made environment behind.
 PREFIX  ?= /usr/local
 ETCDIR  ?= /etc/compartment
@@ -89,7 +89,8 @@ LIBDIR  := $(PREFIX)/lib/compartment
 LIBEXEC := $(PREFIX)/libexec/compartment
 MANDIR  := $(PREFIX)/share/man
 SOURCES := pyproject.toml README.md bin compartment policies
-AGENTS  := examples/agents/* examples/postfix/content-filter.sh
+AGENTS  := examples/agents/*
+DOCDIR  := $(PREFIX)/share/doc/compartment
 MANPAGES = $(wildcard docs/man/*.[1-8])
 
 install: build-debs
@@ -97,6 +98,7 @@ install: build-debs
 	cp -R $(SOURCES) "$$work/"; find "$$work" -name __pycache__ -prune -exec rm -rf {} +; \
 	rm -rf "$(LIBDIR).new"; mkdir -p "$(PREFIX)/lib" "$(PREFIX)/bin"; \
 	$(PYTHON) -m venv "$(LIBDIR).new"; \
+	"$(LIBDIR).new/bin/python" -m pip install -q --no-cache-dir --upgrade pip; \
 	"$(LIBDIR).new/bin/python" -m pip install -q --no-cache-dir "$$work"; \
 	chmod -R a+rX "$(LIBDIR).new"; \
 	rm -rf "$(LIBDIR).old"; if [ -e "$(LIBDIR)" ]; then mv "$(LIBDIR)" "$(LIBDIR).old"; fi; \
@@ -109,13 +111,17 @@ install: build-debs
 	for page in $(MANPAGES); do \
 		section=$${page##*.}; install -d -m 755 "$(MANDIR)/man$$section"; \
 		install -m 644 "$$page" "$(MANDIR)/man$$section/"; done
+	install -d -m 755 "$(DOCDIR)"
+	rm -rf "$(DOCDIR)/examples"; cp -R examples "$(DOCDIR)/examples"
+	find "$(DOCDIR)" -name __pycache__ -prune -exec rm -rf {} +; chmod -R a+rX,go-w "$(DOCDIR)"
 	install -d -m 755 "$(ETCDIR)" "$(ETCDIR)/policies"
 	@if [ "$$(id -u)" = 0 ]; then chown root:root "$(ETCDIR)" "$(ETCDIR)/policies"; fi
 	@echo "installed: $(PREFIX)/bin/compartment (python: $(LIBDIR)), $(LIBEXEC), $(ETCDIR)"
 
 # Removes what install made; $(ETCDIR) only if the administrator left nothing in it.
 uninstall:
-	rm -rf "$(LIBDIR)" "$(LIBDIR).new" "$(LIBDIR).old" "$(LIBEXEC)" "$(PREFIX)/bin/compartment"
+	rm -rf "$(LIBDIR)" "$(LIBDIR).new" "$(LIBDIR).old" "$(LIBEXEC)" "$(DOCDIR)" \
+		"$(PREFIX)/bin/compartment"
 	for page in $(MANPAGES); do rm -f "$(MANDIR)/man$${page##*.}/$${page##*/}"; done
 	-rmdir "$(ETCDIR)/policies" "$(ETCDIR)" 2>/dev/null
 

@@ -66,7 +66,8 @@ def test_everything_installed_is_world_readable_and_root_only_writable(installed
     front = (prefix / "bin" / "compartment").read_text()
     assert f"\npython={prefix}/lib/compartment/bin/python\n" in front
     agents = {p.name for p in (prefix / "libexec" / "compartment").iterdir()}
-    assert {"maildir-deliver.py", "add-header.sh", "content-filter.sh"} <= agents
+    assert {"maildir-deliver.py", "add-header.sh"} <= agents
+    assert (prefix / "share/doc/compartment/examples/postfix/README.md").is_file()
 
 
 def test_man_finds_the_pages(installed):
