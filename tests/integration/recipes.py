@@ -15,12 +15,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from .mailsite import REPO
+from .mailsite import REPO, SENDER, run_checked
 
 EXAMPLES = REPO / "examples"
 INSTALLED = Path("/usr/local/bin/compartment")
@@ -132,3 +134,16 @@ def maildir_messages(user: str) -> list[bytes]:
 def delivered_to(user: str, marker: str) -> bytes | None:
     found = [data for data in maildir_messages(user) if marker.encode() in data]
     return found[0] if found else None
+
+
+def new_message(label: str, recipient: str, body: str = "") -> tuple[str, bytes]:
+    """A short message to `recipient` holding a fresh marker; (marker, message)."""
+    marker = f"{label}-{uuid.uuid4().hex[:12]}"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = SENDER, recipient, f"recipe {label}"
+    message.set_content(f"{body or 'A message for the recipe tests.'}\n{marker}\n")
+    return marker, message.as_bytes()
+
+
+def sendmail(recipient: str, data: bytes) -> None:
+    run_checked(["/usr/sbin/sendmail", "-i", "-f", SENDER, "--", recipient], input=data.decode())

@@ -10,23 +10,23 @@ put back and everything made is removed.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from .debian import install_replacing, require_root_debian
-from .mailsite import SENDER, SITE, run_checked, wait_for
+from .mailsite import SITE, run_checked, wait_for
 from .mta_cases import site, smtp_port_free, smtp_ready
 from .recipes import (
     EXAMPLES,
     delivered_to,
     installed_under_usr_local,
     make_user,
+    new_message,
     restored,
     run_recipe,
+    sendmail,
     temporary_users,
 )
 from .test_exim import (
@@ -74,12 +74,8 @@ def exim(site: None) -> Iterator[None]:
 
 
 def _send(label: str, recipient: str) -> str:
-    marker = f"{label}-{uuid.uuid4().hex[:12]}"
-    message = EmailMessage()
-    message["From"], message["To"], message["Subject"] = SENDER, recipient, f"recipe {label}"
-    message.set_content(f"A message for the Exim recipe test.\n{marker}\n")
-    run_checked(["/usr/sbin/sendmail", "-i", "-f", SENDER, "--", recipient],
-                input=message.as_string())
+    marker, data = new_message(label, recipient)
+    sendmail(recipient, data)
     return marker
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import smtplib
 import subprocess
-import uuid
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -29,8 +27,10 @@ from .recipes import (
     delivered_to,
     installed_under_usr_local,
     make_user,
+    new_message,
     restored,
     run_recipe,
+    sendmail,
     temporary_users,
 )
 from .test_postfix import CONFLICTING, PRESEED
@@ -102,25 +102,12 @@ def postfix(site: None) -> Iterator[None]:
             _remove_filter_account()
 
 
-def _message(label: str, recipient: str, body: str = "") -> tuple[str, bytes]:
-    marker = f"{label}-{uuid.uuid4().hex[:12]}"
-    message = EmailMessage()
-    message["From"], message["To"], message["Subject"] = SENDER, recipient, f"recipe {label}"
-    message["X-Compartment-Marker"] = marker
-    message.set_content(f"{body or 'A message for the recipe test.'}\n{marker}\n")
-    return marker, message.as_bytes()
-
-
-def _sendmail(recipient: str, data: bytes) -> None:
-    run_checked(["/usr/sbin/sendmail", "-i", "-f", SENDER, "--", recipient], input=data.decode())
-
-
 def test_each_account_gets_its_mail_in_its_maildir(postfix: None) -> None:
     """alice (Maildir made as herself) and bob (Maildir from /etc/skel) through
     mailbox_command: local(8) runs compartment as each of them."""
     for user in ("alice", "bob"):
-        marker, data = _message(f"mailbox-{user}", f"{user}@{DOMAIN}")
-        _sendmail(f"{user}@{DOMAIN}", data)
+        marker, data = new_message(f"mailbox-{user}", f"{user}@{DOMAIN}")
+        sendmail(f"{user}@{DOMAIN}", data)
         wait_for(lambda user=user, marker=marker: delivered_to(user, marker),
                  f"the message in ~{user}/Maildir/new")
 
@@ -128,8 +115,8 @@ def test_each_account_gets_its_mail_in_its_maildir(postfix: None) -> None:
 @pytest.mark.parametrize("address", ["root", "postmaster"])
 def test_roots_mail_reaches_the_admin(postfix: None, address: str) -> None:
     """Without the alias, local(8) would run the command as nobody for root and defer."""
-    marker, data = _message(f"alias-{address}", f"{address}@{DOMAIN}")
-    _sendmail(f"{address}@{DOMAIN}", data)
+    marker, data = new_message(f"alias-{address}", f"{address}@{DOMAIN}")
+    sendmail(f"{address}@{DOMAIN}", data)
     wait_for(lambda: delivered_to("alice", marker), f"{address}'s message in ~alice/Maildir")
 
 
@@ -137,8 +124,8 @@ def test_smtp_mail_is_scanned_by_spamassassin(postfix: None) -> None:
     """Mail received by SMTP goes through the confined SpamAssassin, is re-injected, and lands
     in the Maildir marked; the report has one ok line per message, and SpamAssassin's output
     adds nothing to Postfix's status lines."""
-    ham_marker, ham = _message("ham", f"alice@{DOMAIN}")
-    spam_marker, spam = _message("spam", f"alice@{DOMAIN}", GTUBE)
+    ham_marker, ham = new_message("ham", f"alice@{DOMAIN}")
+    spam_marker, spam = new_message("spam", f"alice@{DOMAIN}", GTUBE)
     with smtplib.SMTP("127.0.0.1", 25, timeout=60) as smtp:
         for data in (ham, spam):
             smtp.sendmail(SENDER, [f"alice@{DOMAIN}"], data.replace(b"\n", b"\r\n"))
