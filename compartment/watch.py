@@ -8,10 +8,16 @@ Supervisor side, one thread, one poll() loop over descriptors only:
 - the seccomp listener: a notification is a denied syscall; its number is all we read;
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
+  A caller's stdout or stderr that cannot be written (closed when the command started, or
+  opened read-only) gets no pipe: the agent is handed /dev/null opened read-only there, so
+  its writes fail with EBADF as they would unconfined (and, unlike a closed number, no file
+  it opens lands there and takes what it meant for the caller).
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
-agent is killed through the pidfd its init handed over, and the init, which reaps it, then ends
-the compartment: its wait status carries what the agent used (CPU, peak memory), as after any
-run.  Should the init not be gone KILL_GRACE_S later, it is killed too.
+compartment is killed: first the agent's process group, through the pidfd of the agent its init
+handed over, so that the init reaps them and its wait status carries what they used (CPU, peak
+memory) for the report, as after any run; then, should anything be left KILL_GRACE_S later (a
+process that left the group), or at once when the agent is already gone, the init itself, with
+which the kernel kills the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from compartment import message, syscalls
 from compartment.confine.errors import RECORD, SetupError
@@ -38,24 +45,34 @@ from compartment.policy import Limits
 DIAGNOSTIC_BYTES = 4096
 PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
-KILL_GRACE_S = 1.0  # for the init to reap a killed agent before it is killed itself
+KILL_GRACE_S = 0.05  # for the init to reap the agent's killed group before it is killed too
 
 
 class Watch:
-    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
+    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
+                 learner: Callable[[int, bytes], None] | None = None) -> None:
         self.limits, self.names = limits, names
+        # `compartment learn` only (compartment.learn.listener): it records and answers each
+        # notification itself, and nothing is killed for one.  None on every delivery path.
+        self.learner = learner
         self.caller_out = fds[1]
+        writable = _writable(fds[1]), _writable(fds[2])
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
         # agent writes is diagnostics, kept (bounded) so our reason line can come first.
-        self.merged = _same_file(fds[1], fds[2])
-        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
-        self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # over the per-user pipe budget: slower, not wrong
-            fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self.merged = all(writable) and _same_file(fds[1], fds[2])
+        self.out_r, self.out_w = _pipe(writable[0])
+        self.err_r, self.err_w = _pipe(writable[1] and not self.merged)
+        # Handed to the agent where the caller cannot be written: writes fail with EBADF.
+        self.unwritable = -1
+        if not all(writable):
+            self.unwritable = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        if self.out_w >= 0:
+            with contextlib.suppress(OSError):  # over the per-user pipe budget: slower
+                fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.pid = self.pidfd = self.listener = self.agent_pidfd = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
-        self.kill_deadline: float | None = None  # when the init is killed, once the agent was
+        self.kill_deadline: float | None = None  # when the init is killed after the agent
         self.bytes_out = 0
         self.diagnostics = bytearray()
         self.killed_for: Outcome | None = None  # why we killed it; the caller's failure is ours
@@ -69,8 +86,9 @@ class Watch:
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
 
     def agent_ends(self) -> list[tuple[int, int]]:
-        err = self.out_w if self.merged else self.err_w
-        return [(1, self.out_w), (2, err)]
+        out = self.out_w if self.out_w >= 0 else self.unwritable
+        err = self.out_w if self.merged else self.err_w if self.err_w >= 0 else self.unwritable
+        return [(1, out), (2, err)]
 
     def start(self, pid: int, status: socket.socket) -> None:
         self.started = time.monotonic()
@@ -84,9 +102,10 @@ class Watch:
 
     def run(self) -> None:
         poller = select.poll()
-        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status,
-                    self.out_r: self._on_stdout if not self.merged else self._on_diagnostics}
-        if not self.merged:
+        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status}
+        if self.out_r >= 0:
+            handlers[self.out_r] = self._on_stdout if not self.merged else self._on_diagnostics
+        if self.err_r >= 0:
             handlers[self.err_r] = self._on_diagnostics
         for fd in handlers:
             poller.register(fd, select.POLLIN)
@@ -106,9 +125,8 @@ class Watch:
             now = time.monotonic()
             if self.killed_for is None and now >= self.deadline:
                 self.kill(Outcome.TIMEOUT)
-            elif self.kill_deadline is not None and now >= self.kill_deadline and not self.rusage:
-                self._signal(self.pidfd)
-                self.kill_deadline = None
+            elif self.kill_deadline is not None and now >= self.kill_deadline:
+                self._kill_init()
 
     def _poll_ms(self) -> int | None:
         if self.rusage:
@@ -119,21 +137,20 @@ class Watch:
         return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
     def kill(self, why: Outcome) -> None:
-        """Kill the agent (the init reaps it and ends the compartment), or the init when the
-        agent's pidfd never came; a second call changes nothing."""
+        """End the compartment; the first reason is the one reported, a second call changes
+        nothing."""
         if self.killed_for:
             return
-        self.killed_for = why  # the first reason is the one reported
-        if self.agent_pidfd >= 0:
-            self._signal(self.agent_pidfd)
-            self.kill_deadline = time.monotonic() + KILL_GRACE_S
-        else:
-            self._signal(self.pidfd)
+        self.killed_for = why
+        if self.agent_pidfd < 0 or not _kill_group(self.agent_pidfd):
+            self._kill_init()  # no agent to start from: the whole compartment at once
+            return
+        self.kill_deadline = time.monotonic() + KILL_GRACE_S
 
-    @staticmethod
-    def _signal(pidfd: int) -> None:
+    def _kill_init(self) -> None:
+        self.kill_deadline = None
         try:
-            syscalls.pidfd_send_signal(pidfd, signal.SIGKILL)
+            syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return  # already gone: nothing left to kill
 
@@ -167,6 +184,9 @@ class Watch:
         except OSError as err:
             # ENOENT: the task died before we read its notification; there may be others.
             return err.errno == errno.ENOENT
+        if self.learner is not None:
+            self.learner(self.listener, bytes(notification))
+            return True
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:
             self.denied_syscall = self.names.get(number, f"syscall {number}")
@@ -196,6 +216,8 @@ class Watch:
                     return 0  # what the agent still writes is not delivered: the run failed
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
+                    if not _pending(self.out_r):
+                        return 0  # the agent's end of file, which splice reports as the error
                     raise
                 self._splice = False
         data = os.read(self.out_r, count)
@@ -244,11 +266,11 @@ class Watch:
 
     def close(self) -> None:
         for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
-                   self.agent_pidfd):
+                   self.unwritable, self.agent_pidfd):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
-        self.agent_pidfd = -1
+        self.unwritable = self.agent_pidfd = -1
         if self.status is not None:
             self.status.close()
         if self.rusage is None and self.pid > 0:
@@ -258,6 +280,43 @@ class Watch:
             except ProcessLookupError:
                 return
             os.waitpid(self.pid, 0)
+
+
+def _kill_group(agent_pidfd: int) -> bool:
+    """SIGKILL to the agent's process group (the agent leads it: it made its own session),
+    resolved by the kernel from the pidfd, so never another group that took the number; on a
+    kernel without that (before 6.9) the agent alone.  False: the agent is gone already."""
+    try:
+        syscalls.pidfd_send_signal(agent_pidfd, signal.SIGKILL,
+                                   syscalls.PIDFD_SIGNAL_PROCESS_GROUP)
+    except ProcessLookupError:
+        return False
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        try:
+            syscalls.pidfd_send_signal(agent_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+    return True
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    import termios  # only on an error path: it costs half a millisecond to import
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+def _pipe(wanted: bool) -> tuple[int, int]:
+    return os.pipe2(os.O_CLOEXEC) if wanted else (-1, -1)
+
+
+def _writable(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return False  # not open: nothing can be written there
 
 
 def _same_file(a: int, b: int) -> bool:

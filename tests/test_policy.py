@@ -91,7 +91,7 @@ def test_error_names_file_key_and_form(tmp_path, text, message):
 
 @pytest.mark.parametrize("source, overrides, message", [
     ("/nonexistent/policy.toml", (), "cannot read policy"),
-    ("no-such-policy", (), "no shipped policy named 'no-such-policy'"),
+    ("no-such-policy", (), "no policy named 'no-such-policy'"),
     ("Bad Name!", (), "not a policy name or a path"),
     ("filter", ["limits.cpu_seconds"], "expected KEY=VALUE"),
     ("filter", ["cpu_seconds=3"], "expected SECTION.KEY"),
