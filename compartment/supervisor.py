@@ -10,11 +10,12 @@ socket, seccomp listener, output pipes, deadline) -> reap -> classify -> report.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -95,11 +96,33 @@ def open_named(policy: Policy) -> dict[str, int]:
                 try:
                     opened[path] = paths.open_path(path, trusted=trusted)
                 except paths.PathError as err:
-                    raise ConfigError(f"filesystem.{kind}: {err}") from None
+                    missing = err.errno == errno.ENOENT and kind == "writable"
+                    if not (missing and policy.filesystem.create_maildir):
+                        raise ConfigError(f"filesystem.{kind}: {err}") from None
+                    opened[path] = _made_maildir(path, trusted)
     except BaseException:
         close_all(opened)
         raise
     return opened
+
+
+def _made_maildir(path: str, trusted: Collection[int]) -> int:
+    """filesystem.create_maildir: the missing `path` made as a Maildir by the owner of its
+    parent (compartment.maildir), from the parent's descriptor; then opened like any other."""
+    from compartment import maildir  # only when a Maildir is missing
+
+    parent_path, name = os.path.split(path)
+    try:
+        parent = paths.open_path(parent_path, trusted=trusted)
+    except paths.PathError as err:
+        raise ConfigError(f"filesystem.writable: {err}") from None
+    try:
+        maildir.create(parent, name, path)
+        return paths.open_path(path, trusted=trusted)
+    except (maildir.MaildirError, paths.PathError) as err:
+        raise ConfigError(f"filesystem.create_maildir: {err}") from None
+    finally:
+        os.close(parent)
 
 
 def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:

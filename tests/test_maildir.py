@@ -97,3 +97,68 @@ def test_unprivileged_caller_makes_its_own():
                               extra_groups=[], capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert (home / "Maildir" / "tmp").stat().st_uid == NOBODY
+
+
+# --- the deliver policy (filesystem.create_maildir) through compartment.run ----------------
+
+DELIVER = 'cat > "$0/tmp/m" && mv "$0/tmp/m" "$0/new/m"'
+
+
+def test_deliver_makes_a_missing_maildir_and_delivers_into_it(tmp_path):
+    from agentrun import run_agent
+
+    home = _parent(tmp_path)
+    maildir = home / "Maildir"
+    ran = run_agent(["/bin/sh", "-c", DELIVER, str(maildir)], "deliver", b"a message\n",
+                    {"filesystem.writable": str(maildir)})
+    assert ran.result.outcome.value == "ok" and ran.result.uid == NOBODY, ran.stderr
+    assert (maildir / "new" / "m").read_bytes() == b"a message\n"
+    assert {(p.stat().st_uid, p.stat().st_mode & 0o777) for p in
+            (maildir, maildir / "cur", maildir / "new", maildir / "tmp")} == {(NOBODY, 0o700)}
+
+
+def test_deliver_refuses_to_make_one_in_a_directory_of_roots(tmp_path):
+    from agentrun import run_agent
+
+    home = _parent(tmp_path, uid=0)
+    ran = run_agent(["/bin/true"], "deliver", b"m\n",
+                    {"filesystem.writable": str(home / "Maildir")})
+    assert (ran.result.outcome.value, ran.result.exit_status) == ("config-error", 75)
+    assert "its parent is owned by root" in ran.result.reason
+    assert not (home / "Maildir").exists()
+
+
+def test_without_create_maildir_a_missing_directory_stays_an_error(tmp_path):
+    from agentrun import run_agent
+
+    home = _parent(tmp_path)
+    ran = run_agent(["/bin/true"], "deliver", b"m\n",
+                    {"filesystem.writable": str(home / "Maildir"),
+                     "filesystem.create_maildir": "false"})
+    assert ran.result.outcome.value == "config-error"
+    assert "Maildir: No such file or directory" in ran.result.reason
+    assert not (home / "Maildir").exists()
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    # local(8) runs root's mailbox_command as nobody, who cannot search /root
+    ("/root/Maildir", "permission denied: /root cannot be searched"),
+    ("{home}/Maildir", None),
+])
+def test_as_the_mta_user(where, said):
+    """Unprivileged, as an MTA runs it: the caller's own Maildir is made by the caller; one it
+    cannot reach says which directory it cannot search, not "no such file"."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:  # pytest's is root's alone
+        os.chmod(scratch, 0o755)
+        home = _parent(Path(scratch))
+        maildir = where.format(home=home)
+        command = [sys.executable, "-m", "compartment", "run", "-p", "deliver", "--set",
+                   f"filesystem.writable={maildir}", "--", "/bin/sh", "-c", DELIVER, maildir]
+        done = subprocess.run(command, input=b"a message\n", user=NOBODY, group=NOBODY,
+                              extra_groups=[], capture_output=True, timeout=60, check=False)
+        if said:
+            assert done.returncode == 75 and said.encode() in done.stderr, done.stderr
+        else:
+            assert done.returncode == 0, done.stderr
+            assert Path(maildir, "new", "m").read_bytes() == b"a message\n"
+            assert Path(maildir, "cur").stat().st_uid == NOBODY

@@ -54,6 +54,7 @@ def qmail_local(user: pwd.struct_passwd, message: bytes) -> list[int]:
            "RPLINE": "Return-Path: <bob@example.org>\n"}
     statuses = []
     with tempfile.TemporaryFile() as queue_file:
+        os.fchmod(queue_file.fileno(), 0o644)  # as qmail-queue leaves its message files
         queue_file.write(message)
         for line in lines:
             queue_file.seek(0)
@@ -70,12 +71,30 @@ def test_dot_qmail_delivers_into_the_maildir(alice: pwd.struct_passwd) -> None:
     split_trace_headers(delivered_to("alice", message.marker), message.data)
 
 
-def test_a_missing_maildir_is_deferred_not_bounced(alice: pwd.struct_passwd) -> None:
-    """compartment's own failure (nothing to mount) is 111: qmail-local keeps the message."""
+def test_a_missing_maildir_is_made_by_its_owner(alice: pwd.struct_passwd) -> None:
+    """The deliver policy makes a missing Maildir as alice (create_maildir), as local(8) does."""
     maildir = Path(alice.pw_dir, "Maildir")
     aside = maildir.with_name("Maildir.aside")
     maildir.rename(aside)
     try:
+        message = corpus("qmail-made", "bob@example.org", "example.test")[0]
+        assert qmail_local(alice, message.data) == [0]
+        assert (maildir / "tmp").stat().st_uid == alice.pw_uid
+        split_trace_headers(delivered_to("alice", message.marker), message.data)
+    finally:
+        shutil.rmtree(maildir, ignore_errors=True)
+        aside.rename(maildir)
+
+
+def test_a_maildir_made_by_root_is_deferred_not_bounced(alice: pwd.struct_passwd) -> None:
+    """`mkdir ~alice/Maildir` as root: alice's agent cannot write there; qmail-local reads
+    111 and keeps the message."""
+    maildir = Path(alice.pw_dir, "Maildir")
+    aside = maildir.with_name("Maildir.aside")
+    maildir.rename(aside)
+    try:
+        for sub in ("", "cur", "new", "tmp"):
+            (maildir / sub).mkdir(mode=0o755)
         assert qmail_local(alice, b"Subject: x\n\nbody\n") == [111]
     finally:
         shutil.rmtree(maildir, ignore_errors=True)
