@@ -29,7 +29,7 @@ endef
 build-debs:
 	$(call apt_install,$(BUILD_DEBS))
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml bin/compartment
 	$(call apt_install,$(BUILD_DEBS))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -85,9 +85,10 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, opened, trees)
 
 
-def open_named(policy: Policy) -> dict[str, int]:
+def open_named(policy: Policy, for_run: bool = False) -> dict[str, int]:
     """An O_PATH descriptor of every path the policy names, resolved once (compartment.paths);
-    the plan takes the type, the owner and the mount from these."""
+    the plan takes the type, the owner and the mount from these.  Only `for_run` makes a
+    missing Maildir (filesystem.create_maildir): `check` and `learn` change nothing."""
     opened: dict[str, int] = {}
     trusted = paths.trusted_owners()
     try:
@@ -97,7 +98,7 @@ def open_named(policy: Policy) -> dict[str, int]:
                     opened[path] = paths.open_path(path, trusted=trusted)
                 except paths.PathError as err:
                     missing = err.errno == errno.ENOENT and kind == "writable"
-                    if not (missing and policy.filesystem.create_maildir):
+                    if not (missing and for_run and policy.filesystem.create_maildir):
                         raise ConfigError(f"filesystem.{kind}: {err}") from None
                     opened[path] = _made_maildir(path, trusted)
     except BaseException:
@@ -125,6 +126,23 @@ def _made_maildir(path: str, trusted: Collection[int]) -> int:
         os.close(parent)
 
 
+def describe_root(policy: Policy, program: str | None = None) -> rootfs.Plan:
+    """The root a run would get, for the tools that show or reason about it (check, learn):
+    every named path opened as a run opens it, then closed again (the plan keeps no
+    descriptor)."""
+    opened = open_named(policy)
+    try:
+        if program and program not in opened:
+            try:
+                opened[program] = paths.open_path(program, trusted=paths.trusted_owners())
+            except paths.PathError as err:
+                raise ConfigError(f"program {err}") from None
+        fs = rootfs.plan(policy.filesystem, program, opened)
+    finally:
+        close_all(opened)
+    return replace(fs, entries=tuple(replace(e, fd=-1) for e in fs.entries))
+
+
 def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
     """Close the descriptors of named paths (and their detached mounts); empties both."""
     for fd in [*opened.values(), *(trees or ())]:
@@ -136,7 +154,7 @@ def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
 
 def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, int]]:
     """The program and every named path, each opened once: (program, path -> descriptor)."""
-    opened = open_named(policy)
+    opened = open_named(policy, for_run=True)
     try:
         program, program_fd = _resolve(name, search)
     except BaseException:

@@ -100,6 +100,13 @@ class Watch:
         self.out_w = self.err_w = -1
         self.deadline = self.started + self.limits.wall_timeout_s
 
+    def commit(self, caller_out: int) -> None:
+        """A compartment started ahead of its request (compartment.isolate's prisons) gets it:
+        where its output goes, and its time, which counts from now."""
+        self.caller_out = caller_out
+        self.started = time.monotonic()
+        self.deadline = self.started + self.limits.wall_timeout_s
+
     def run(self) -> None:
         poller = select.poll()
         handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status}

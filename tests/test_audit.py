@@ -95,7 +95,7 @@ def test_table_json_and_max_exposure():
 
 
 @pytest.mark.parametrize("argv, status, message", [
-    (["-p", "nonesuch"], 78, "no shipped policy"),
+    (["-p", "nonesuch"], 78, "no policy named"),
     (["-p", "mdeliver"], 78, "needs a filesystem.writable directory"),
     (["--max-exposure", "lots"], 64, "invalid float value"),
     (["--bogus"], 64, "unrecognized arguments"),

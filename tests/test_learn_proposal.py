@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compartment import Outcome, Policy, Result, rootfs, syscalls
+from compartment import Outcome, Policy, Result, syscalls
 from compartment.learn import Sample
 from compartment.learn.bpf import BpfError, Program, action
 from compartment.learn.document import render
@@ -23,6 +23,7 @@ from compartment.learn.evidence import gather
 from compartment.learn.listener import WATCHED, Observation
 from compartment.learn.proposal import propose
 from compartment.policy import _read as read_policy
+from compartment.supervisor import describe_root
 from compartment.syscall_filter import _compile, compile_learning_filter
 
 ALLOW, NOTIFY, KILL = (syscalls.SECCOMP_RET_ALLOW, syscalls.SECCOMP_RET_USER_NOTIF,
@@ -147,7 +148,7 @@ def sample(name: str = "a.eml", outcome: Outcome = Outcome.OK, size: int = 1000,
 def proposed(base: str, *samples: Sample, overrides: tuple[str, ...] = ()):
     policy = Policy.load(base, overrides)
     _, _, text = read_policy(base)
-    plan = rootfs.plan(policy.filesystem, "/usr/bin/true")
+    plan = describe_root(policy, "/usr/bin/true")
     proposal = propose(tomllib.loads(text), policy, plan, "/usr/bin/true", gather(samples))
     return proposal, render(proposal, ["a test"], "learned in a test")
 

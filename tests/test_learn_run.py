@@ -129,7 +129,7 @@ def test_the_command_writes_the_proposal_and_says_what_each_sample_did(host: Pat
 
 @pytest.mark.parametrize("argv, status, message", [
     (["learn", "--", "/nonexistent/program"], 78, "No such file"),
-    (["learn", "-p", "nonesuch", "--", "/bin/cat"], 78, "no shipped policy"),
+    (["learn", "-p", "nonesuch", "--", "/bin/cat"], 78, "no policy named"),
     (["learn", "-p", "filter"], 64, "no PROGRAM given"),
     (["learn", "--bogus"], 64, "unrecognized arguments"),
 ])

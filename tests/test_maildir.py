@@ -162,3 +162,13 @@ def test_as_the_mta_user(where, said):
             assert done.returncode == 0, done.stderr
             assert Path(maildir, "new", "m").read_bytes() == b"a message\n"
             assert Path(maildir, "cur").stat().st_uid == NOBODY
+
+
+def test_check_makes_nothing(tmp_path):
+    """`compartment check` reports the missing directory and changes nothing."""
+    home = _parent(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "compartment", "check", "-p", "deliver",
+                           "--set", f"filesystem.writable={home}/Maildir"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 78 and "Maildir: No such file or directory" in done.stderr
+    assert not (home / "Maildir").exists()

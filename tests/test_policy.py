@@ -117,6 +117,8 @@ def test_override_into_a_non_table(tmp_path):
     ({"seccomp.deny": "@nonsense"}, "unknown group '@nonsense'"),
     ({"seccomp.deny": "no_such_syscall"}, "cannot filter 'no_such_syscall'"),
     ({"seccomp.default": "kill", "seccomp.allow": "ptrace"}, "'ptrace' is in the built-in"),
+    # allowed by name, socket() would take every family, AF_INET included
+    ({"seccomp.default": "kill", "seccomp.allow": "socket"}, "'socket' is granted by network"),
 ])
 def test_filter_errors(overrides, message):
     policy = Policy.load("filter", overrides)

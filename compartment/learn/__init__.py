@@ -22,7 +22,6 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from compartment import rootfs
 from compartment.api import execute
 from compartment.exits import Convention, Outcome
 from compartment.learn.document import render
@@ -32,6 +31,7 @@ from compartment.learn.proposal import Proposal, propose
 from compartment.policy import Policy, PolicyError
 from compartment.policy import _read as read_policy  # the file's own text, read as -p reads it
 from compartment.report import Result
+from compartment.supervisor import ConfigError, describe_root
 
 
 class LearnError(Exception):
@@ -58,7 +58,10 @@ def learn(argv: Sequence[str], base: str, overrides: Sequence[str], samples: Seq
     if failed:
         raise LearnError(f"sample {failed[0].name}: {failed[0].result.reason}")
     program = runs[0].result.program
-    plan = rootfs.plan(policy.filesystem, program)
+    try:
+        plan = describe_root(policy, program)
+    except ConfigError as err:  # a named path or the program changed since the samples ran
+        raise LearnError(str(err)) from None
     proposal = propose(tomllib.loads(text), policy, plan, program, gather(runs))
     names = ", ".join(run.name for run in runs)
     header = [command or shlex.join(["compartment", "learn", "-p", base, "--", *argv]),
