@@ -13,6 +13,7 @@ Sections (numbers as in issue 5):
   6 import time of the run path
   7 compartment.isolate: a function per call in a prison, against in-process and against
     exec'ing python3 under compartment.run (issue 12)
+  8 the resident supervisor: compartment submit and compartment.submit vs bwrap (issue 10)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import baseline
 import measure
 import sections_api
+import sections_daemon
 import sections_isolate
 import sections_other
 import sections_timeout
@@ -157,6 +159,7 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
     "7": sections_isolate.isolated,
+    "8": sections_daemon.daemon_path,
 }
 
 

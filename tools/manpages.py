@@ -7,8 +7,8 @@
 - compartment-policy(5): docs/policy.md turned into roff; its field tables are checked against
   the field metadata of compartment/policy.py by tests/test_manpages.py, so both say the same.
 - compartment-COMMAND(8): one page per command listed in DAEMON_COMMANDS that the parser has
-  (`serve`, once the resident supervisor lands): its options, and the text of the command's
-  section in docs/COMMAND.md when there is one.
+  (`serve`): its options, and as its description docs/COMMAND.md, or else the README's section
+  whose heading names `compartment COMMAND`.
 
 tests/test_manpages.py fails when a shipped page under docs/man differs from what this writes;
 `make man` rewrites them.
@@ -98,9 +98,15 @@ Leases of the uid pool.
 """
 
 
+# Characters the docs use that man's terminal output cannot show, as roff names them.
+_SPECIAL = {"…": "...", "—": "\\(em", "–": "\\(en", "×": "\\(mu", "≤": "\\(<=", "≥": "\\(>=",
+            "→": "\\(->"}
+
+
 def roff_text(text: str) -> str:
     """Plain text for roff: backslashes and hyphens escaped, no line read as a request."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = "".join(_SPECIAL.get(char, char) for char in text)
     return "\n".join("\\&" + line if line.startswith((".", "'")) else line
                      for line in text.split("\n"))
 
@@ -197,10 +203,18 @@ def daemon_8(name: str) -> str:
     for action in sub._actions:
         lines += _option_item(action)
     guide = REPO / "docs" / f"{name}.md"
-    if guide.exists():
-        lines += markdown_to_roff(guide.read_text())
+    text = guide.read_text() if guide.exists() else _readme_section(f"`compartment {name}`")
+    if text:
+        lines += [".SH DESCRIPTION", *markdown_to_roff(text)]
     lines += [".SH SEE ALSO", r"\fBcompartment\fR(1), \fBcompartment\-policy\fR(5)"]
     return "\n".join(lines) + "\n"
+
+
+def _readme_section(naming: str) -> str:
+    """The README's `## ` section whose heading contains `naming`, without its heading."""
+    match = re.search(rf"^## [^\n]*{re.escape(naming)}[^\n]*\n(.*?)(?=^## |\Z)",
+                      (REPO / "README.md").read_text(), re.M | re.S)
+    return match[1] if match else ""
 
 
 def _inline(text: str) -> str:
@@ -212,7 +226,7 @@ def _inline(text: str) -> str:
         if part.startswith("`") and part.endswith("`") and len(part) > 1:
             out.append(f"\\fB{roff_text(part[1:-1])}\\fR")
         elif part.startswith("**") and part.endswith("**") and len(part) > 3:
-            out.append(f"\\fB{roff_text(part[2:-2])}\\fR")
+            out.append(f"\\fB{roff_text(part[2:-2].replace('`', ''))}\\fR")
         else:
             out.append(roff_text(part))
     return "".join(out)
@@ -222,8 +236,11 @@ def _blocks(markdown: str) -> Iterator[list[str]]:
     """Paragraphs, list items, table rows and headings, each as its lines."""
     block: list[str] = []
     for line in markdown.split("\n"):
-        starts = line.startswith(("#", "- ", "|")) or not line.strip()
-        if block and (starts or block[0].startswith(("#", "|"))):
+        code = line.startswith("    ") and (not block or block[0].startswith("    "))
+        starts = line.startswith(("#", "- ", "|")) or not line.strip() or \
+            (code and not block)
+        ends_code = bool(block) and block[0].startswith("    ") and not code
+        if block and (starts or ends_code or block[0].startswith(("#", "|"))):
             yield block
             block = []
         if line.strip():
@@ -238,6 +255,9 @@ def markdown_to_roff(markdown: str) -> list[str]:
     for block in _blocks(markdown):
         head = block[0]
         text = " ".join(line.strip() for line in block)
+        if head.startswith("    "):
+            lines += [".PP", ".nf", *(roff_text(line[4:]) for line in block), ".fi"]
+            continue
         if head.startswith("# "):
             continue  # the page's own title
         if head.startswith("## "):

@@ -19,6 +19,9 @@ order, and why:
 8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
 9. scope         a Landlock domain that keeps abstract sockets to the compartment, when the
                  network namespace is shared: needs no_new_privs.
+   (commit)      a compartment the resident supervisor prepared ahead waits here for its
+                 request's part: the descriptors, program, argv and environment (commit.py).
+                 Everything above depends on the policy alone; everything below on the request.
 10. descriptors  0/1/2 and extras placed, the rest close on exec.
 11. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
                  only waits; the agent is pid 2, an ordinary process: its own session, no
@@ -68,6 +71,7 @@ waits for its input.  Its order, with what differs from the above:
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 from collections.abc import Sequence
@@ -78,6 +82,7 @@ import prctl
 from compartment import rootfs, syscalls
 from compartment.confine import (
     capabilities,
+    commit,
     credentials,
     descriptors,
     filesystem,
@@ -113,6 +118,7 @@ class Plan:
     program: str
     argv: Sequence[str]
     env: dict[str, str]
+    commit: bool = False  # prepared ahead: handed, program, argv and env come on `status`
 
 
 def enter(plan: Plan, status: socket.socket) -> None:
@@ -123,9 +129,11 @@ def enter(plan: Plan, status: socket.socket) -> None:
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)
     rlimits.enter(plan.rlimits)
-    session.enter()
+    session.enter(status)
     _no_new_privs()
     scope.enter(plan.network is not None)
+    if plan.commit:
+        plan = commit.receive(plan, status)
     descriptors.enter(plan.handed)
     agent = syscalls.clone(0)
     if agent:
@@ -140,6 +148,23 @@ def enter(plan: Plan, status: socket.socket) -> None:
         hint = " (is it dynamically linked, its loader not in this root?)" \
             if err.errno == errno.ENOENT else ""
         raise fail("exec", "execve", err, plan.program + hint) from None
+
+
+def start(plan: Plan, status: socket.socket, flags: int = 0) -> int:
+    """Parent side: clone the child into its namespaces (and `flags`); it confines itself and
+    execs, reporting on `status`.  Returns its pid.  The caller must be single-threaded."""
+    # No garbage collection may run a finaliser between clone and exec in the child.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        own_network = plan.network is None
+        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, own_network) | flags)
+        if pid == 0:
+            run_child(plan, status)  # never returns
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return pid
 
 
 def run_child(plan: Plan, status: socket.socket) -> None:
@@ -185,7 +210,7 @@ def enter_prison(plan: PrisonPlan) -> None:
         credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
         capabilities.drop_all(plan.last_cap)
         rlimits.enter(plan.rlimits)
-        session.enter()
+        session.enter(status)
         _no_new_privs()
         descriptors.receive(status, PRISON_INPUT)  # the request: everything above was ahead
         seccomp.enter(plan.seccomp, status)

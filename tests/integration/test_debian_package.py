@@ -130,6 +130,16 @@ def test_shipped_policies_and_man_pages(root):
     assert (root / "usr/libexec/compartment/maildir-deliver.py").stat().st_mode & 0o111
 
 
+def test_the_resident_supervisors_units_are_installed_and_the_socket_enabled(root):
+    units = root / "lib/systemd/system"
+    service = (units / "compartment.service").read_text()
+    assert "ExecStart=/usr/bin/compartment serve " in service and "/usr/local" not in service
+    assert (units / "compartment.socket").is_file()
+    enabled = root / "etc/systemd/system/sockets.target.wants/compartment.socket"
+    assert enabled.is_symlink(), "deb-systemd-helper did not enable compartment.socket"
+    assert (root / "usr/share/man/man8/compartment-serve.8.gz").is_file()
+
+
 def test_etc_and_the_system_user(root):
     done = in_root(root, "stat -c '%U:%G %a' /etc/compartment /etc/compartment/policies; "
                    "getent passwd compartment")
@@ -160,7 +170,9 @@ def test_purge_removes_what_the_package_made(root):
     assert (root / "var/cache/compartment").is_dir()
     in_root(root, "apt-get purge -y -q compartment")
     for path in ("usr/bin/compartment", "etc/compartment", "usr/libexec/compartment",
-                 "var/cache/compartment", "usr/lib/python3/dist-packages/compartment"):
+                 "var/cache/compartment", "usr/lib/python3/dist-packages/compartment",
+                 "lib/systemd/system/compartment.socket",
+                 "etc/systemd/system/sockets.target.wants/compartment.socket"):
         assert not (root / path).exists(), path
     left = in_root(root, "getent passwd compartment; getent group compartment", check=False)
     assert left.stdout == ""
