@@ -112,7 +112,7 @@ install: build-debs
 	rm -rf "$(LIBDIR).new"; mkdir -p "$(PREFIX)/lib" "$(PREFIX)/bin"; \
 	$(PYTHON) -m venv "$(LIBDIR).new"; \
 	"$(LIBDIR).new/bin/python" -m pip install -q --no-cache-dir --upgrade pip; \
-	"$(LIBDIR).new/bin/python" -m pip install -q --no-cache-dir "$$work"; \
+	"$(LIBDIR).new/bin/python" -m pip install -q --no-cache-dir "$$work[fronts]"; \
 	chmod -R a+rX "$(LIBDIR).new"; \
 	rm -rf "$(LIBDIR).old"; if [ -e "$(LIBDIR)" ]; then mv "$(LIBDIR)" "$(LIBDIR).old"; fi; \
 	mv "$(LIBDIR).new" "$(LIBDIR)"; rm -rf "$(LIBDIR).old"; \

@@ -139,7 +139,11 @@ def main(argv: Sequence[str], submit: Submit | None = None, allow_root: bool = F
     try:
         runner = runner_from(options, program, front, submit or resident_submit())
         if front == "lmtp":
-            from compartment.lmtp import prepare
+            try:
+                from compartment.lmtp import prepare
+            except ImportError as err:
+                raise FrontError(f"the LMTP front needs aiosmtpd ({err}): apt-get install "
+                                 "python3-aiosmtpd, or pip install 'compartment[fronts]'") from None
         else:
             from compartment.milter import prepare  # type: ignore[no-redef]
         log = MailLog(f"compartment-{front}", options.log)
