@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
-import socket
 import sys
 from collections.abc import Sequence
 
@@ -60,8 +60,10 @@ def parser(front: str) -> argparse.ArgumentParser:
     lmtp = front == "lmtp"
     what = ("An LMTP server delivering each recipient with PROGRAM in a compartment"
             if lmtp else "A milter running FILTER in a compartment at the end of each message")
+    # A fixed width, as the delivery parser's: the man pages are generated from this one.
     parser = _Parser(prog=f"compartment {front}", description=what + ", through the resident "
-                     "supervisor (compartment serve).  Runs as its own unprivileged user.")
+                     "supervisor (compartment serve).  Runs as its own unprivileged user.",
+                     formatter_class=functools.partial(argparse.HelpFormatter, width=100))
     listen = "unix:/PATH, HOST:PORT" if lmtp else "unix:/PATH, inet:PORT@HOST"
     parser.add_argument("--listen", required=True, help=f"{listen} or systemd (socket "
                         "activation)")
@@ -108,8 +110,8 @@ def parser(front: str) -> argparse.ArgumentParser:
                             help="recipients per transaction (default 100)")
         parser.add_argument("--data-timeout-s", type=_seconds, default=600.0,
                             help="seconds from DATA to the final dot (default 600)")
-        parser.add_argument("--hostname", default=socket.gethostname(),
-                            help="the name in the greeting and LHLO reply")
+        parser.add_argument("--hostname", help="the name in the greeting and LHLO reply "
+                            "(default: this host's name)")
     else:
         parser.add_argument("--rewrite", action="store_true",
                             help="FILTER's stdout is the new message: what changed is applied "

@@ -269,7 +269,7 @@ def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
     handler = Handler(front, runner, lookup, limits)
 
     async def serve(sock: socket.socket) -> None:
-        await front.serve(await start(handler, sock, options.hostname))
+        await front.serve(await start(handler, sock, options.hostname or socket.gethostname()))
     return serve
 
 
