@@ -199,12 +199,7 @@ def compartment_1() -> str:
 def daemon_8(name: str) -> str:
     """compartment-NAME(8) for a daemon command: its options, and docs/NAME.md's text."""
     sub = _subcommands(_parser())[name]
-    lines = [f'.TH COMPARTMENT\\-{name.upper()} 8 "{DATE}" "{VERSION}" '
-             '"System Administration"', ".SH NAME",
-             f"compartment\\-{name} \\- {roff_text(_command_help(_parser())[name])}",
-             ".SH SYNOPSIS", ".nf", roff_text(_usage(name, sub)), ".fi", ".SH OPTIONS"]
-    for action in sub._actions:
-        lines += _option_item(action)
+    lines = _page_8(name, _command_help(_parser())[name], sub)
     guide = REPO / "docs" / f"{name}.md"
     text = guide.read_text() if guide.exists() else _readme_section(f"`compartment {name}`")
     if text:
@@ -219,16 +214,22 @@ def front_8(name: str) -> str:
 
     sub = parser(name)
     summary = (sub.description or "").split(",")[0].removeprefix("An ").removeprefix("A ")
+    lines = _page_8(name, summary, sub)
+    lines += [".SH DESCRIPTION", *markdown_to_roff(_readme_section("LMTP and milter fronts"))]
+    lines += [".SH SEE ALSO", r"\fBcompartment\fR(1), \fBcompartment\-serve\fR(8), "
+              r"\fBcompartment\-policy\fR(5)"]
+    return "\n".join(lines) + "\n"
+
+
+def _page_8(name: str, summary: str, sub: argparse.ArgumentParser) -> list[str]:
+    """A section 8 page's head: title, name, synopsis and options."""
     lines = [f'.TH COMPARTMENT\\-{name.upper()} 8 "{DATE}" "{VERSION}" '
              '"System Administration"', ".SH NAME",
              f"compartment\\-{name} \\- {roff_text(summary)}",
              ".SH SYNOPSIS", ".nf", roff_text(_usage(name, sub)), ".fi", ".SH OPTIONS"]
     for action in sub._actions:
         lines += _option_item(action)
-    lines += [".SH DESCRIPTION", *markdown_to_roff(_readme_section("LMTP and milter fronts"))]
-    lines += [".SH SEE ALSO", r"\fBcompartment\fR(1), \fBcompartment\-serve\fR(8), "
-              r"\fBcompartment\-policy\fR(5)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _readme_section(naming: str) -> str:
