@@ -62,6 +62,7 @@ WANTED_PROTOCOL = (mp.NO_UNKNOWN | mp.NO_DATA | mp.NR_CONNECT | mp.NR_HELO | mp.
                    mp.NR_RCPT | mp.NR_DATA | mp.NR_UNKNOWN | mp.NR_EOH | mp.NR_HEADER |
                    mp.HEADER_LEADING_SPACE)
 REWRITE_ACTIONS = mp.ADD_HEADERS | mp.CHANGE_HEADERS | mp.CHANGE_BODY
+TOO_BIG = "552 5.3.4 message too big for the filter"
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Message:
         self.headers: list[Header] = []
         self.body_offset: int | None = None
         self.pending_cr = False
+        self.too_big = False  # past --max-message-bytes: no longer spooled, refused
 
     def header(self, name: str, value: str, leading_space: bool) -> None:
         value = value.replace("\r\n", "\n")
@@ -177,16 +179,23 @@ class Connection:
             self.message.recipients.append(args[0].strip("<>"))
         elif code in (mp.HEADER, mp.END_OF_HEADERS, mp.BODY):
             message = self.message = self.message or Message("")
-            if code == mp.HEADER:
-                message.header(args[0], args[1], bool(self.protocol & mp.HEADER_LEADING_SPACE))
-            elif code == mp.END_OF_HEADERS:
-                message.end_of_headers()
-            else:
-                message.body(command.data)
-            if message.spool.size > self.settings.message_bytes:
-                self.end_message()
-                return "552 5.3.4 message too big for the filter"
+            if not message.too_big:
+                self._spool(message, command)
+                message.too_big = message.spool.size > self.settings.message_bytes
+            # Said at the first command the MTA waits a reply for (a header or the end of the
+            # headers may be one it does not: a reply there would put the dialogue out of step).
+            if message.too_big and not self.protocol & mp.REPLY_UNLESS.get(code, 0):
+                return TOO_BIG
         return ""
+
+    def _spool(self, message: Message, command: mp.Command) -> None:
+        if command.code == mp.HEADER:
+            name, value = command.args
+            message.header(name, value, bool(self.protocol & mp.HEADER_LEADING_SPACE))
+        elif command.code == mp.END_OF_HEADERS:
+            message.end_of_headers()
+        else:
+            message.body(command.data)
 
     def end_message(self) -> None:
         if self.message is not None:
@@ -196,6 +205,11 @@ class Connection:
     async def end_of_message(self, chunk: bytes) -> list[bytes]:
         message, self.message = self.message or Message(""), None
         qid = self.macros.get("i") or queue_id()
+        if message.too_big:
+            message.close()
+            self.front.log.info(f"{qid}: from=<{message.sender}>, size>"
+                                f"{self.settings.message_bytes}, action=reject ({TOO_BIG})")
+            return [mp.reply_code(TOO_BIG)]
         started = time.monotonic()
         self.busy = True
         try:

@@ -235,3 +235,25 @@ def test_commands_in_any_order_never_crash_the_front(where):
     finally:
         front.stop()
     assert "Traceback" not in front.log and "exception" not in front.log.lower(), front.log
+
+
+def test_too_big_is_refused_at_the_first_command_that_waits_for_a_reply(where):
+    """Headers past --max-message-bytes get no reply (the MTA negotiated none for them); the
+    body chunk, which waits for one, gets 552, and the end of message too, without a run."""
+    front = start(where, ECHO, "--max-message-bytes", "100")
+    client = MilterClient(front.socket_path)
+    try:
+        client.send(encode_command(Command(mp.OPTIONS, numbers=(6, ALL_ACTIONS, ALL_STEPS))))
+        assert client.packet()[0] == b"O"
+        client.send(encode_command(Command(mp.MAIL, args=("<a@example.org>",))))
+        for _ in range(5):
+            client.send(encode_command(Command(mp.HEADER, args=("X-Long", " " + "y" * 40))))
+        client.send(encode_command(Command(mp.END_OF_HEADERS)))
+        client.send(encode_command(Command(mp.BODY, data=BODY)))
+        assert client.packet() == (b"y", b"552 5.3.4 message too big for the filter\0")
+        client.send(encode_command(Command(mp.END_OF_MESSAGE)))
+        assert client.until_final() == [(b"y", b"552 5.3.4 message too big for the filter\0")]
+    finally:
+        client.close()
+        front.stop()
+    assert "outcome=" not in front.log  # no filter ran
