@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import fcntl
 import grp
+import itertools
 import os
 import re
 import signal
@@ -312,16 +313,14 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-_ids = 0
+_sequence = itertools.count()
 
 
 def queue_id() -> str:
     """An id for a transaction, unique in this front's life and across restarts: the time in
     microseconds and a counter, in base 36, as Postfix's long queue ids are."""
-    global _ids
-    _ids = (_ids + 1) % 1296
     now = int(time.time() * 1_000_000)
-    return _base36(now) + _base36(_ids).rjust(2, "0")
+    return _base36(now) + _base36(next(_sequence) % 1296).rjust(2, "0")
 
 
 def _base36(number: int) -> str:
