@@ -155,9 +155,8 @@ def main(argv: Sequence[str], submit: Submit | None = None, allow_root: bool = F
     except FrontError as err:
         print(f"compartment {front}: {err}", file=sys.stderr)
         return EX_CONFIG
-    log.info(f"listening on {options.listen}, policy {options.policy}, supervisor at "
-             f"{options.socket}")
-    asyncio.run(serve(sock))
+    asyncio.run(serve(sock, f"listening on {options.listen}, policy {options.policy}, "
+                      f"supervisor at {options.socket}"))
     return 0
 
 

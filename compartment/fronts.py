@@ -372,12 +372,15 @@ class Front:
         if self._stop is not None:
             self._stop.set()
 
-    async def serve(self, server: asyncio.AbstractServer) -> None:
+    async def serve(self, server: asyncio.AbstractServer, ready: str) -> None:
+        """Serve until SIGTERM or SIGINT, then drain; `ready` is logged once the signals are
+        ours (before that, a SIGTERM would end the process by its default action)."""
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        self.log.info(ready)
         try:
             await self._stop.wait()
         finally:

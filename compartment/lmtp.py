@@ -258,7 +258,7 @@ def address_problem(address: str) -> str:
 
 
 def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
-            ) -> Callable[[socket.socket], Awaitable[None]]:
+            ) -> Callable[[socket.socket, str], Awaitable[None]]:
     """The daemon, from compartment lmtp's options (raises FrontError): a coroutine function
     serving a listening socket until SIGTERM."""
     lookup = Lookup(options.recipients, options.min_uid, options.recipient_delimiter)
@@ -268,8 +268,9 @@ def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
                     options.idle_timeout_s, options.data_timeout_s)
     handler = Handler(front, runner, lookup, limits)
 
-    async def serve(sock: socket.socket) -> None:
-        await front.serve(await start(handler, sock, options.hostname or socket.gethostname()))
+    async def serve(sock: socket.socket, ready: str) -> None:
+        server = await start(handler, sock, options.hostname or socket.gethostname())
+        await front.serve(server, ready)
     return serve
 
 

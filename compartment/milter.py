@@ -334,7 +334,7 @@ async def serve_connection(front: Front, settings: Settings, reader: asyncio.Str
 
 
 def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
-            ) -> Callable[[socket.socket], Awaitable[None]]:
+            ) -> Callable[[socket.socket, str], Awaitable[None]]:
     """The daemon, from compartment milter's options (raises FrontError)."""
     settings = Settings(runner, options.rewrite, _on_failure(options), options.max_message_bytes,
                         options.idle_timeout_s)
@@ -345,10 +345,10 @@ def prepare(options: argparse.Namespace, runner: Runner, log: MailLog
     front = Front(log, options.max_sessions, options.max_runs, reload=reload,
                   drain_s=options.drain_timeout_s)
 
-    async def serve(sock: socket.socket) -> None:
+    async def serve(sock: socket.socket, ready: str) -> None:
         server = await asyncio.start_server(
             lambda r, w: serve_connection(front, settings, r, w), sock=sock)
-        await front.serve(server)
+        await front.serve(server, ready)
     return serve
 
 

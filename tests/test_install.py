@@ -59,19 +59,20 @@ def test_the_installed_lmtp_front_has_its_protocol_library(installed, tmp_path):
     directory = Path(tempfile.mkdtemp(prefix="compartment-lmtp-", dir="/var/tmp"))
     try:
         os.chown(directory, NOBODY, NOBODY)
-        front = subprocess.Popen([str(prefix / "bin" / "compartment"), "lmtp", "--listen",
-                                  f"unix:{directory}/lmtp.sock", "--log", "stderr", "-p",
-                                  "filter", "--",
-                                  "/bin/cat"], stderr=subprocess.PIPE, user=NOBODY,
-                                 group=NOBODY, extra_groups=[], cwd="/")
+        log = directory / "front.log"
+        with log.open("wb") as stderr:
+            front = subprocess.Popen([str(prefix / "bin" / "compartment"), "lmtp", "--listen",
+                                      f"unix:{directory}/lmtp.sock", "--log", "stderr", "-p",
+                                      "filter", "--", "/bin/cat"], stderr=stderr, user=NOBODY,
+                                     group=NOBODY, extra_groups=[], cwd="/")
         deadline = time.monotonic() + 30
-        while not (directory / "lmtp.sock").exists() and front.poll() is None and \
+        while b"listening on" not in log.read_bytes() and front.poll() is None and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
         front.terminate()
-        _, stderr = front.communicate(timeout=30)
-        assert front.returncode == 0, stderr
-        assert b"listening on unix:" in stderr and b"stopped" in stderr, stderr
+        front.wait(30)
+        assert front.returncode == 0, log.read_bytes()
+        assert b"listening on unix:" in log.read_bytes() and b"stopped" in log.read_bytes()
     finally:
         shutil.rmtree(directory)
 

@@ -43,7 +43,7 @@ class Running:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + START_S
-        while not socket_path.exists():
+        while "listening on" not in self.log:  # logged once its signals are its own
             if self.process.poll() is not None:
                 raise AssertionError(f"the front exited {self.process.returncode}: {self.log}")
             if time.monotonic() > deadline:

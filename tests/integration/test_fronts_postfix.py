@@ -163,7 +163,8 @@ class Front:
         with self.log.open("wb") as stderr:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
                                             stdout=subprocess.DEVNULL)
-        wait_for(lambda: path.exists() or self.process.poll() is not None, f"{kind} listening")
+        wait_for(lambda: b"listening on" in self.log.read_bytes()
+                 or self.process.poll() is not None, f"{kind} listening")
         assert self.process.poll() is None, self.log.read_text()
 
     def stop(self) -> None:
