@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from compartment import message
 from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
-from compartment.policy import Policy
+from compartment.policy import Limits, Policy
 from compartment.report import Result, append
 from compartment.supervisor import ConfigError, Prepared, supervise
 from compartment.watch import DIAGNOSTIC_BYTES, Watch
@@ -110,7 +110,9 @@ def agent_reason(code: int | None) -> str:
 def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[str],
               caller: Convention, agent: Convention) -> Result:
     usage = watch.rusage or resource.struct_rusage((0.0,) * 16)
-    cpu_s = usage.ru_utime + usage.ru_stime
+    cpu_s, peak_bytes = usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+    if watch.usage:  # the cgroup's: the compartment's own tree, every process and the kernel's
+        cpu_s, peak_bytes = watch.usage.cpu_s, watch.usage.peak_memory_bytes or peak_bytes
     outcome, reason, code, signum = _outcome(watch, policy, cpu_s)
     stdin_fd, offset = prepared.stdin_fd, prepared.stdin_offset
     if outcome is Outcome.OK and policy.exit.require_full_read and \
@@ -128,7 +130,7 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
                   program=prepared.plan.program, argv=tuple(argv), uid=prepared.plan.uid,
                   agent_status=code, agent_signal=signum, denied_syscall=watch.denied_syscall,
                   cpu_s=round(cpu_s, 6), wall_s=round(watch.ended - watch.started, 6),
-                  peak_memory_bytes=usage.ru_maxrss * 1024, bytes_in=bytes_in,
+                  peak_memory_bytes=peak_bytes, bytes_in=bytes_in,
                   bytes_out=watch.bytes_out)
 
 
@@ -143,11 +145,17 @@ def _outcome(watch: Watch, policy: Policy,
         internal = watch.setup_error.step == "internal"
         return (Outcome.INTERNAL_ERROR if internal else Outcome.CONFIG_ERROR,
                 f"cannot start the agent: {watch.setup_error.text()}", None, None)
+    if watch.usage and watch.usage.oom_kills:
+        # The kernel killed in the compartment (the agent, a child of it, even the init): a
+        # process was cut off, whatever the agent's status says.
+        return (Outcome.MEMORY_LIMIT, f"used its {_size(limits.memory_bytes)} of memory "
+                "(limits.memory_bytes)", None, signum)
     if watch.agent_wait_status is None and not watch.killed_for:
         return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
                 f"status (wait status {status:#x})", None, None)
     if watch.killed_for:
         reason = {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
+                  Outcome.CPU_LIMIT: _cpu_reason(limits),
                   Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
                   Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
                   Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
@@ -159,7 +167,7 @@ def _outcome(watch: Watch, policy: Policy,
                     "ABI such as i386 or x32)", None, signum)
         if signum == signal.SIGXCPU or (signum == signal.SIGKILL and
                                         cpu_s >= limits.cpu_seconds):
-            return (Outcome.CPU_LIMIT, f"used its {limits.cpu_seconds} s of CPU", None, signum)
+            return Outcome.CPU_LIMIT, _cpu_reason(limits), None, signum
         if signum == signal.SIGXFSZ:
             return (Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past "
                     f"{limits.file_bytes} bytes", None, signum)
@@ -167,6 +175,17 @@ def _outcome(watch: Watch, policy: Policy,
     if code == 0:
         return Outcome.OK, "delivered", 0, None
     return Outcome.AGENT_FAILED, agent_reason(code), code, None
+
+
+def _cpu_reason(limits: Limits) -> str:
+    return f"used its {limits.cpu_seconds} s of CPU (limits.cpu_seconds)"
+
+
+def _size(count: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count} bytes"
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:

@@ -4,8 +4,9 @@ message or the agent produced beyond fixed-size records (a setup-failure record 
 a seccomp notification from the kernel) and the wait status.
 
 Life cycle of one run (all in one thread, which is required for clone()):
-prepare (policy -> plan, uid lease, compiled filter, pipes) -> clone -> watch (pidfd, status
-socket, seccomp listener, output pipes, deadline) -> reap -> classify -> report.
+prepare (policy -> plan, uid lease, compiled filter, cgroup, pipes) -> clone -> watch (pidfd,
+status socket, seccomp listener, output pipes, deadline, CPU used) -> reap -> cgroup removed ->
+classify -> report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from compartment import rootfs, syscall_filter, syscalls, uidpool
+from compartment import cgroups, rootfs, syscall_filter, syscalls, uidpool
 from compartment.confine import Plan, namespaces, rlimits, run_child, scope
 from compartment.policy import Policy
 from compartment.watch import Watch
@@ -34,6 +35,7 @@ class Prepared:
     lease: uidpool.Lease | None
     stdin_fd: int
     stdin_offset: int | None  # None when stdin is not a regular file
+    cgroup: cgroups.Cgroup | None = None  # None: limits.enforcement is rlimits
 
 
 def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
@@ -52,7 +54,9 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
     unprivileged = os.geteuid() != 0
-    last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
+    use_cgroup = _use_cgroup(policy.limits.enforcement, unprivileged)
+    last_cap = syscalls.cap_last_cap()
+    rlimit_plan = rlimits.plan(policy.limits, use_cgroup)
     try:
         fs = rootfs.plan(policy.filesystem, program)
         _check_interpreter(program, fs)
@@ -60,12 +64,14 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         uid, gid, lease = _identity(policy, unprivileged)  # last: nothing below can fail
     except (rootfs.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         raise ConfigError(str(err)) from None
-    plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
+    cgroup = _cgroup(policy, lease) if use_cgroup else None
+    plan = Plan(unprivileged=unprivileged, cgroup_procs=cgroup.procs_fds if cgroup else (),
+                hostname=f"compartment-{os.urandom(4).hex()}.invalid",
                 network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
                 last_cap=last_cap, rlimits=rlimit_plan,
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
-    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset)
+    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, cgroup)
 
 
 def spawn(plan: Plan) -> tuple[int, socket.socket]:
@@ -97,7 +103,7 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
               env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
     prepared = prepare(argv, policy, fds, env)
     try:
-        watch = Watch(policy.limits, fds, prepared.compiled.names)
+        watch = Watch(policy.limits, fds, prepared.compiled.names, prepared.cgroup)
         try:
             handed = [(0, fds[0]), *watch.agent_ends(),
                       *((fd, fd) for fd in policy.descriptors.pass_)]
@@ -107,7 +113,10 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         finally:
             watch.close()
     finally:
-        # After close(): the init has been reaped, so nothing of the uid is left.
+        # After close(): the init has been reaped, so nothing of the compartment is left.  (If
+        # removing the cgroup finds survivors it raises, and the uid stays leased, dirty.)
+        if prepared.cgroup:
+            prepared.cgroup.remove()
         if prepared.lease:
             prepared.lease.release()
     return watch, prepared
@@ -118,6 +127,26 @@ def _network(policy: Policy, unprivileged: bool) -> int | None:
     if unprivileged or policy.filesystem.proc or syscalls.landlock_abi() < scope.MIN_ABI:
         return None
     return namespaces.shared_network()
+
+
+def _use_cgroup(enforcement: str, unprivileged: bool) -> bool:
+    if enforcement == "cgroup" and unprivileged:
+        raise ConfigError('limits.enforcement = "cgroup": only root can make cgroups; '
+                          'unprivileged runs use "rlimits" (or "auto")')
+    return enforcement == "cgroup" or (enforcement == "auto" and not unprivileged)
+
+
+def _cgroup(policy: Policy, lease: uidpool.Lease | None) -> cgroups.Cgroup:
+    """Made last in prepare(): nothing after it can fail before supervise() removes it."""
+    try:
+        return cgroups.create(policy.limits)
+    except (cgroups.Unavailable, OSError) as err:
+        if lease:
+            lease.release()  # nothing ran as that uid
+        enforcement = policy.limits.enforcement
+        raise ConfigError(f'limits.enforcement = "{enforcement}": no usable cgroup: {err}'
+                          + ('; the weaker "rlimits" mode needs no cgroup'
+                             if enforcement == "auto" else "")) from None
 
 
 def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lease | None]:

@@ -9,7 +9,9 @@ Supervisor side, one thread, one poll() loop over descriptors only:
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
-whole compartment is killed through the pidfd.
+whole compartment is killed through the pidfd.  Under a cgroup the CPU time of the whole
+compartment is read at times planned from the budget left (it cannot be spent sooner than that
+budget over the number of CPUs), and the compartment is killed once it has used it all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import socket
 import struct
 import time
 
-from compartment import message, syscalls
+from compartment import cgroups, message, syscalls
 from compartment.confine.errors import RECORD, SetupError
 from compartment.confine.init import EXIT_RECORD, EXIT_TAG
 from compartment.confine.seccomp import LISTENER_RECORD
@@ -36,11 +38,14 @@ from compartment.policy import Limits
 DIAGNOSTIC_BYTES = 4096
 PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
+_CPUS = os.cpu_count() or 1
+_CPU_CHECK_MIN_S = 0.01  # near the end of the budget: the overshoot is at most this per CPU
 
 
 class Watch:
-    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str]) -> None:
-        self.limits, self.names = limits, names
+    def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
+                 cgroup: cgroups.Cgroup | None = None) -> None:
+        self.limits, self.names, self.cgroup = limits, names, cgroup
         self.caller_out = fds[1]
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
         # agent writes is diagnostics, kept (bounded) so our reason line can come first.
@@ -60,6 +65,8 @@ class Watch:
         self.wait_status = 0  # of the compartment's init
         self.agent_wait_status: int | None = None  # reported by the init
         self.rusage: resource.struct_rusage | None = None
+        self.usage: cgroups.Usage | None = None  # the cgroup's figures, once the init is reaped
+        self.cpu_check_at = math.inf
         self.caller_error = ""
         self._splice = True
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
@@ -77,6 +84,9 @@ class Watch:
                 os.close(fd)
         self.out_w = self.err_w = -1
         self.deadline = self.started + self.limits.wall_timeout_s
+        if self.cgroup:
+            self.cgroup.close_procs()  # the child has its own copies
+            self.cpu_check_at = self.started + self.limits.cpu_seconds / _CPUS
 
     def run(self) -> None:
         poller = select.poll()
@@ -101,9 +111,19 @@ class Watch:
                     poller.register(self.listener, select.POLLIN)
             if self.killed_for is None and time.monotonic() >= self.deadline:
                 self.kill(Outcome.TIMEOUT)
+            running = self.killed_for is None and self.rusage is None
+            if running and time.monotonic() >= self.cpu_check_at:
+                self._check_cpu()
+
+    def _check_cpu(self) -> None:
+        left_s = self.limits.cpu_seconds - self.cgroup.cpu_seconds()
+        if left_s <= 0:
+            self.kill(Outcome.CPU_LIMIT)
+        self.cpu_check_at = time.monotonic() + max(left_s / _CPUS, _CPU_CHECK_MIN_S)
 
     def _poll_ms(self) -> int | None:
-        remaining_ms = math.ceil((self.deadline - time.monotonic()) * 1000)
+        until = min(self.deadline, self.cpu_check_at)
+        remaining_ms = math.ceil((until - time.monotonic()) * 1000)
         return None if self.killed_for or self.rusage else max(0, remaining_ms)
 
     def kill(self, why: Outcome) -> None:
@@ -116,6 +136,8 @@ class Watch:
     def _on_exit(self) -> bool:
         _, self.wait_status, self.rusage = os.wait4(self.pid, 0)
         self.ended = time.monotonic()
+        if self.cgroup:
+            self.usage = self.cgroup.usage()
         return False
 
     def _on_status(self) -> bool:
