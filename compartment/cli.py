@@ -144,10 +144,12 @@ def _check(args: argparse.Namespace) -> int:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
         root = plan(policy.filesystem, program=None)
+        enforcement = _enforcement(policy.limits.enforcement)
     except (PolicyError, FilterError, PlanError) as err:
         print(f"compartment check: {err}", file=sys.stderr)
         return EX_CONFIG
     sys.stdout.write(policy.to_toml())
+    print(f"\n# limits enforced by {enforcement}")
     print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
     print("# the agent's root on this machine (besides the program itself):")
     for entry in root.entries:
@@ -157,6 +159,29 @@ def _check(args: argparse.Namespace) -> int:
     if root.tmp_bytes:
         print(f"#   tmpfs   /tmp ({root.tmp_bytes} bytes)")
     return 0
+
+
+def _enforcement(enforcement: str) -> str:
+    """How a run by this caller would bound memory, processes and CPU; raises PolicyError when
+    it could not run at all."""
+    from compartment import cgroups
+    from compartment.policy import PolicyError
+    from compartment.supervisor import ConfigError, uses_cgroup
+
+    try:
+        if not uses_cgroup(enforcement, os.geteuid() != 0):
+            why = "unprivileged" if enforcement == "auto" else 'limits.enforcement = "rlimits"'
+            return (f"rlimits only ({why}): RLIMIT_AS, RLIMIT_CPU per process, RLIMIT_NPROC "
+                    "per uid; the kernel's memory is not counted")
+        found = cgroups.find()
+    except ConfigError as err:
+        raise PolicyError(str(err)) from None
+    except cgroups.Unavailable as err:
+        raise PolicyError(f'limits.enforcement = "{enforcement}": no usable cgroup: '
+                          f"{err}") from None
+    return "a cgroup per compartment (" + "; ".join(
+        f"cgroup v{h.version}: {', '.join(sorted(h.serves))} below {h.base}"
+        + (f", the supervisor moving into {h.leaf}" if h.leaf else "") for h in found) + ")"
 
 
 def _policies() -> int:

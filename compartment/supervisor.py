@@ -54,7 +54,7 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
     unprivileged = os.geteuid() != 0
-    use_cgroup = _use_cgroup(policy.limits.enforcement, unprivileged)
+    use_cgroup = uses_cgroup(policy.limits.enforcement, unprivileged)
     last_cap = syscalls.cap_last_cap()
     rlimit_plan = rlimits.plan(policy.limits, use_cgroup)
     try:
@@ -129,7 +129,8 @@ def _network(policy: Policy, unprivileged: bool) -> int | None:
     return namespaces.shared_network()
 
 
-def _use_cgroup(enforcement: str, unprivileged: bool) -> bool:
+def uses_cgroup(enforcement: str, unprivileged: bool) -> bool:
+    """Whether limits.enforcement asks for a cgroup for this caller."""
     if enforcement == "cgroup" and unprivileged:
         raise ConfigError('limits.enforcement = "cgroup": only root can make cgroups; '
                           'unprivileged runs use "rlimits" (or "auto")')
