@@ -3,9 +3,13 @@
 Supervisor side, root.  The life cycle of one compartment's cgroup:
 
     create   before clone: a directory in each hierarchy, named after this process, with the
-             limits written (memory, no swap; pids) and each cgroup.procs opened for writing
-    join     the child's first confinement step writes "0" (itself) to each opened cgroup.procs
-             (compartment/confine/cgroup.py), so the cgroup holds it from its first instruction
+             limits written (memory, no swap; pids), and what the child joins by opened
+    join     so that the cgroup holds the child from its first instruction: on v2 the clone
+             itself puts it there (clone3 CLONE_INTO_CGROUP, the directory's descriptor), on v1
+             the child's first confinement step writes "0" (itself) to each cgroup.procs opened
+             for it (compartment/confine/cgroup.py).  Moving a process between cgroups takes a
+             lock whose writer waits for an RCU grace period when none has been taken lately
+             (milliseconds on an idle machine); a child born in its cgroup moves nowhere.
     watch    cpu_seconds() while the agent runs (neither version has a CPU budget to set, so the
              watch reads the total and kills); usage() once the init is reaped: CPU, peak
              memory, OOM kills, all of the compartment's own tree
@@ -32,6 +36,7 @@ needs a cgroup of its own to divide.  On v2 the compartments' cgroups go
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import itertools
@@ -75,16 +80,27 @@ class Cgroup:
     def __init__(self, name: str, hierarchies: tuple[Hierarchy, ...]) -> None:
         self.name = name
         self.dirs = tuple((h, f"{h.base}/{name}") for h in hierarchies)
-        self.procs_fds: tuple[int, ...] = ()
+        self.procs_fds: tuple[int, ...] = ()  # v1: cgroup.procs, for the child to write "0" to
+        self.clone_fd = -1  # v2: the directory, for clone3(CLONE_INTO_CGROUP)
+        self.limited: tuple[int, int] | None = None  # (memory_bytes, processes) written
 
     def _dir(self, what: str) -> tuple[int, str] | None:
         return next(((h.version, d) for h, d in self.dirs if what in h.serves), None)
 
     def limit(self, limits: Limits) -> None:
+        if self.limited == (limits.memory_bytes, limits.processes):
+            return  # made ahead with these limits
+        raising = self.limited is not None and self.limited[0] < limits.memory_bytes
+        self.limited = (limits.memory_bytes, limits.processes)
         memory, pids = self._dir(MEMORY), self._dir(PIDS)
         if memory and memory[0] == 1:
+            # memory + swap may never be set below memory alone: which goes first depends on
+            # whether a spare's limit is raised or lowered
+            swap = f"{memory[1]}/memory.memsw.limit_in_bytes"  # with swap accounting only
+            if raising:
+                _write_if_there(swap, limits.memory_bytes)
             _write(f"{memory[1]}/memory.limit_in_bytes", limits.memory_bytes)
-            _write_if_there(f"{memory[1]}/memory.memsw.limit_in_bytes", limits.memory_bytes)
+            _write_if_there(swap, limits.memory_bytes)
         elif memory:
             _write(f"{memory[1]}/memory.max", limits.memory_bytes)
             _write_if_there(f"{memory[1]}/memory.swap.max", 0)
@@ -117,39 +133,100 @@ class Cgroup:
             oom_kills = _keyed(_read(f"{found[1]}/memory.events"), "oom_kill")
         return Usage(self.cpu_seconds(), peak, oom_kills)
 
-    def close_procs(self) -> None:
+    def close_fds(self) -> None:
         """Parent side, once the child is cloned (it has its own copies), and in remove()."""
-        for fd in self.procs_fds:
-            os.close(fd)
-        self.procs_fds = ()
+        for fd in (*self.procs_fds, self.clone_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.procs_fds, self.clone_fd = (), -1
 
     def remove(self) -> None:
         """After the init is reaped: kill what is left, if anything, and remove every directory.
         Raises OSError if processes survive SIGKILL, which would mean something escaped."""
-        self.close_procs()
+        self.close_fds()
         for _, path in self.dirs:
             _remove(path, _REMOVE_WAIT_S)
 
+    def retire(self) -> None:
+        """After the init is reaped, in place of remove(): in a process that runs several
+        compartments an empty cgroup is removed later, in spare time (make_spare) or at exit.
+        Whatever is left inside (nothing: the pid namespace died with its init) dies now."""
+        if _own_state().made < 2 or not self._empty():
+            self.remove()
+            return
+        self.close_fds()
+        _own_state().retired.append(self)
+
+    def _empty(self) -> bool:
+        """Every hierarchy holds the same processes: the child joined each, its own inherit."""
+        version, path = self.dirs[0][0].version, self.dirs[0][1]
+        if version == 2:
+            return _keyed(_read(f"{path}/cgroup.events"), "populated") == 0
+        return not _read(f"{path}/cgroup.procs").strip()
+
 
 def create(limits: Limits) -> Cgroup:
-    """A new cgroup for one compartment, limited, its cgroup.procs open for the child."""
+    """A new cgroup for one compartment (made now, or ahead by make_spare()), limited, with
+    what the child joins by opened."""
     hierarchies = layout()
-    _sweep_once(hierarchies)
-    name = f"{_PREFIX}{_identity()}-{next(_counter)}"
-    cgroup = Cgroup(name, hierarchies)
+    own = _own_state()
+    cgroup = own.spares.pop() if own.spares else _make(hierarchies, own)
+    own.made += 1
     try:
-        for hierarchy, path in cgroup.dirs:
-            try:
-                os.mkdir(path, 0o755)
-            except OSError as err:
-                raise Unavailable(f"cannot make a cgroup in {hierarchy.base}: "
-                                  f"{err.strerror}") from None
         cgroup.limit(limits)
-        cgroup.procs_fds = tuple(os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-                                 for _, path in cgroup.dirs)
+        for hierarchy, path in cgroup.dirs:
+            if hierarchy.version == 2:
+                cgroup.clone_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            else:
+                cgroup.procs_fds += (os.open(f"{path}/cgroup.procs",
+                                             os.O_WRONLY | os.O_CLOEXEC),)
     except BaseException:
         cgroup.remove()
         raise
+    return cgroup
+
+
+def make_spare(limits: Limits) -> None:
+    """Work done ahead, in time the caller has to spare (the supervisor calls it while a
+    compartment runs): the cgroups of finished compartments removed, and the next one's made
+    and limited, most likely as this one is (a memory cgroup costs a few hundred microseconds
+    to make).  Only in a process that has made two already: one that runs a single compartment
+    (the command) removes its own at once, and must not leave one made ahead behind."""
+    own = _own_state()
+    if own.made < 2:
+        return
+    while own.retired:
+        own.retired.pop().remove()
+    if own.spares:
+        return
+    try:
+        spare = _make(layout(), own)
+        own.spares.append(spare)
+        spare.limit(limits)
+    except (Unavailable, OSError):
+        return  # create() makes one when it needs one, and says why it cannot
+    if not own.release_at_exit:
+        atexit.register(release)
+        own.release_at_exit = True
+
+
+def release() -> None:
+    """Remove this process's spare and retired cgroups (at exit; a process killed leaves them
+    to the next sweep)."""
+    own = _state[0] if _state and _state[0].pid == os.getpid() else None
+    while own and (own.spares or own.retired):
+        (own.spares or own.retired).pop().remove()
+
+
+def _make(hierarchies: tuple[Hierarchy, ...], own: _State) -> Cgroup:
+    cgroup = Cgroup(f"{own.prefix}{next(own.counter)}", hierarchies)
+    for hierarchy, path in cgroup.dirs:
+        try:
+            os.mkdir(path, 0o755)
+        except OSError as err:
+            cgroup.remove()
+            raise Unavailable(f"cannot make a cgroup in {hierarchy.base}: "
+                              f"{err.strerror}") from None
     return cgroup
 
 
@@ -177,8 +254,6 @@ def sweep(hierarchies: tuple[Hierarchy, ...]) -> int:
 # --- where the hierarchies are ----------------------------------------------------------------
 
 _layout: list[tuple[Hierarchy, ...]] = []  # found once per process, the v2 leaf entered then
-_counter = itertools.count(1)
-_swept: list[int] = []  # the pid of this process once it has swept
 
 
 def layout() -> tuple[Hierarchy, ...]:
@@ -221,6 +296,10 @@ def find() -> tuple[Hierarchy, ...]:
 
 def _find_v2(here: str, serves: frozenset[str]) -> Hierarchy:
     need = serves - {CPU}  # CPU time is in every v2 cgroup's cpu.stat
+    release = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2])
+    if release < (5, 7):
+        raise Unavailable(f"cgroup v2 needs Linux 5.7 (clone3 CLONE_INTO_CGROUP), this is "
+                          f"{os.uname().release}")
     parent = os.path.dirname(here)
     if _is_root(here):
         base, leaf = here, ""
@@ -311,9 +390,29 @@ def _delegated(path: str) -> bool:
 
 # --- names, liveness, the sweep -------------------------------------------------------------
 
-def _identity() -> str:
+class _State:
+    """This process's own: its names, its spare and retired cgroups.  Made again in a forked
+    child (the parent's are the parent's), after sweeping what dead supervisors left."""
+
+    def __init__(self, pid: int) -> None:
+        sweep(layout())
+        self.pid = pid
+        self.prefix = f"{_PREFIX}{pid}-{_start_time(pid)}-"
+        self.counter = itertools.count(1)
+        self.spares: list[Cgroup] = []  # made ahead
+        self.retired: list[Cgroup] = []  # empty, to remove in spare time
+        self.made = 0
+        self.release_at_exit = False
+
+
+_state: list[_State] = []
+
+
+def _own_state() -> _State:
     pid = os.getpid()
-    return f"{pid}-{_start_time(pid)}"
+    if not _state or _state[0].pid != pid:
+        _state[:] = [_State(pid)]
+    return _state[0]
 
 
 def _start_time(pid: int) -> int | None:
@@ -324,12 +423,6 @@ def _start_time(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def _sweep_once(hierarchies: tuple[Hierarchy, ...]) -> None:
-    if _swept != [os.getpid()]:
-        sweep(hierarchies)
-        _swept[:] = [os.getpid()]
 
 
 def _remove(path: str, wait_s: float) -> None:

@@ -64,10 +64,12 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         uid, gid, lease = _identity(policy, unprivileged)  # last: nothing below can fail
     except (rootfs.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
         raise ConfigError(str(err)) from None
+    network = _network(policy, unprivileged)
     cgroup = _cgroup(policy, lease) if use_cgroup else None
     plan = Plan(unprivileged=unprivileged, cgroup_procs=cgroup.procs_fds if cgroup else (),
+                cgroup_fd=cgroup.clone_fd if cgroup else -1,
                 hostname=f"compartment-{os.urandom(4).hex()}.invalid",
-                network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
+                network=network, uid=uid, gid=gid, filesystem=fs,
                 last_cap=last_cap, rlimits=rlimit_plan,
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
@@ -81,7 +83,9 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, plan.network is None))
+        flags = namespaces.clone_flags(plan.unprivileged, plan.network is None)
+        pid = syscalls.clone_into_cgroup(flags, plan.cgroup_fd) if plan.cgroup_fd >= 0 \
+            else syscalls.clone(flags)
         if pid == 0:
             ours.close()
             run_child(plan, theirs)  # never returns
@@ -116,7 +120,7 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         # After close(): the init has been reaped, so nothing of the compartment is left.  (If
         # removing the cgroup finds survivors it raises, and the uid stays leased, dirty.)
         if prepared.cgroup:
-            prepared.cgroup.remove()
+            prepared.cgroup.retire()
         if prepared.lease:
             prepared.lease.release()
     return watch, prepared

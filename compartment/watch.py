@@ -85,7 +85,7 @@ class Watch:
         self.out_w = self.err_w = -1
         self.deadline = self.started + self.limits.wall_timeout_s
         if self.cgroup:
-            self.cgroup.close_procs()  # the child has its own copies
+            self.cgroup.close_fds()  # the child has its own copies
             self.cpu_check_at = self.started + self.limits.cpu_seconds / _CPUS
 
     def run(self) -> None:
@@ -146,6 +146,8 @@ class Watch:
         for fd in fds:
             if data == LISTENER_RECORD and self.listener < 0:
                 self.listener = fd
+                if self.cgroup:  # the child is past its cgroup steps, the agent about to exec:
+                    cgroups.make_spare(self.limits)  # spare time
             else:
                 os.close(fd)  # only the listener is ever sent, and only once
         if len(data) == RECORD.size:

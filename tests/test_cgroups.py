@@ -237,7 +237,25 @@ def test_bomb_is_bounded_by_the_pids_limit(bomb):
 def test_no_cgroup_left_after_a_thousand_runs():
     for _ in range(1000):
         assert run_agent(["/bin/true"]).result.outcome is Outcome.OK
+    # a process that runs several compartments keeps one made ahead for the next, and may not
+    # have removed the last one yet
+    assert len(_mine()) <= 2 * len(cgroups.layout())
+    cgroups.release()  # what it does at exit
     assert _mine() == []
+
+
+SEVERAL_RUNS = """import sys
+sys.path.insert(0, sys.argv[1])
+from agentrun import run_agent
+for _ in range(3):
+    assert run_agent(["/bin/true"]).result.outcome == "ok"
+"""
+
+
+def test_a_process_that_ran_several_leaves_none_at_exit():
+    caller = subprocess.Popen([sys.executable, "-c", SEVERAL_RUNS, str(Path(__file__).parent)])
+    assert caller.wait() == 0
+    assert _mine(caller.pid) == []
 
 
 def test_cgroups_of_a_killed_supervisor_are_swept(tmp_path):
@@ -271,13 +289,29 @@ def test_remove_kills_what_is_left():
         cgroup_step.enter(cgroup.procs_fds)
         time.sleep(60)
         os._exit(0)
-    cgroup.close_procs()
+    cgroup.close_fds()
     dirs = [d for _, d in cgroup.dirs]
     while not all(str(member) in Path(d, "cgroup.procs").read_text().split() for d in dirs):
         time.sleep(0.001)
     cgroup.remove()
     assert os.waitpid(member, 0)[1] == signal.SIGKILL
     assert not any(os.path.exists(d) for d in dirs)
+
+
+def test_a_cgroup_made_ahead_takes_other_limits():
+    """A spare is limited as the compartment before it was; the next may raise or lower it."""
+    cgroup = cgroups.create(Policy.load("filter", {"limits.memory_bytes": "64M"}).limits)
+    try:
+        for memory in ("96M", "32M"):
+            cgroup.limit(Policy.load("filter", {"limits.memory_bytes": memory,
+                                               "limits.processes": "3"}).limits)
+            version, path = cgroup._dir(cgroups.MEMORY)
+            name = "memory.limit_in_bytes" if version == 1 else "memory.max"
+            assert Path(path, name).read_text() == f"{int(memory[:-1]) << 20}\n"
+            version, path = cgroup._dir(cgroups.PIDS)
+            assert Path(path, "pids.max").read_text() == "4\n"
+    finally:
+        cgroup.remove()
 
 
 # --- enforcement ------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ execve() of the agent.  The first process takes every step itself, then forks th
 inherits all of it; the first process stays behind as the compartment's init (init.py).  The
 order, and why:
 
-1. cgroup        the compartment's cgroup joined (root, limits.enforcement not "rlimits"):
-                 first, before anything allocates, forks or runs, so all of it is counted; it
-                 needs root, so before the credentials change.
+1. cgroup        the compartment's cgroup v1 hierarchies joined (root, limits.enforcement not
+                 "rlimits"; on v2 the clone put it there): first, before anything allocates,
+                 forks or runs, so all of it is counted; it needs root, so before credentials.
 2. namespaces    the shared network namespace joined (root) or user-namespace id maps
                  (unprivileged), hostname: everything below happens inside them.
 3. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
@@ -75,7 +75,8 @@ class Plan:
     """Everything the child needs, computed by the supervisor before clone."""
 
     unprivileged: bool
-    cgroup_procs: Sequence[int]  # the compartment's cgroup.procs, open for writing; () for none
+    cgroup_procs: Sequence[int]  # the compartment's v1 cgroup.procs, open for writing, or ()
+    cgroup_fd: int  # its v2 cgroup directory, which the clone puts the child in, or -1
     hostname: str
     network: int | None  # the shared network namespace, or None for one of its own
     uid: int

@@ -1,12 +1,13 @@
-"""cgroup: the child joins the cgroup the supervisor made for its compartment.
+"""cgroup: the child joins the cgroup v1 hierarchies the supervisor made its compartment's in.
 
 Child side, just cloned, root in the initial user namespace: moving a process into a cgroup is a
 write that needs it, so this comes before the credentials change; and it comes first of all, so
 that everything the compartment does from here on (every page, process and CPU cycle, the
 confinement steps included) is charged to its own cgroup and bounded by its limits.  The
-supervisor opened each hierarchy's cgroup.procs for writing (compartment/cgroups.py); "0" is
-the writer itself.  Each descriptor is closed once used: nothing after this step holds one.
-No descriptors (unprivileged, or limits.enforcement = "rlimits"): nothing to join.
+supervisor opened each v1 hierarchy's cgroup.procs for writing (compartment/cgroups.py); "0"
+is the writer itself.  Each descriptor is closed once used: nothing after this step holds one.
+On cgroup v2 the clone put the child in its cgroup already (CLONE_INTO_CGROUP).  No descriptors
+(unprivileged, limits.enforcement = "rlimits", or v2 alone): nothing to do here.
 """
 
 from __future__ import annotations
