@@ -11,6 +11,7 @@ Sections (numbers as in issue 5):
   4 one 64 MiB message (MB/s), and supervisor peak RSS for 1, 64 and 512 MiB
   5 timeout: from the deadline to the last process of the compartment gone
   6 import time of the run path
+  7 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import baseline
 import measure
 import sections_api
+import sections_cgroup
 import sections_other
 import sections_timeout
 from measure import Target
@@ -46,6 +48,7 @@ class Sizes:
         self.big_rounds = 5 if quick else 30
         self.timeout_runs = 2 if quick else 8
         self.import_runs = 3 if quick else 15
+        self.cgroup_rounds = 60 if quick else 300
 
 
 class Context:
@@ -152,6 +155,7 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "4": sections_other.big_message,
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
+    "7": sections_cgroup.cgroup_cost,
 }
 
 

@@ -179,9 +179,13 @@ def _enforcement(enforcement: str) -> str:
     except cgroups.Unavailable as err:
         raise PolicyError(f'limits.enforcement = "{enforcement}": no usable cgroup: '
                           f"{err}") from None
-    return "a cgroup per compartment (" + "; ".join(
-        f"cgroup v{h.version}: {', '.join(sorted(h.serves))} below {h.base}"
-        + (f", the supervisor moving into {h.leaf}" if h.leaf else "") for h in found) + ")"
+    cpu = {1: "cpuacct", 2: "cpu.stat"}  # what counts CPU time on v1, on v2
+
+    def shown(h: cgroups.Hierarchy) -> str:
+        names = sorted(cpu[h.version] if c == cgroups.CPU else c for c in h.serves)
+        return (f"cgroup v{h.version}: {', '.join(names)} below {h.base}"
+                + (f", the supervisor moving into {h.leaf}" if h.leaf else ""))
+    return f"a cgroup per compartment ({'; '.join(shown(h) for h in found)})"
 
 
 def _policies() -> int:

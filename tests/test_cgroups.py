@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from agentrun import PYTHON, run_agent
 
-from compartment import Outcome, Policy, cgroups
+from compartment import Outcome, Policy, cgroups, syscalls
 from compartment.confine import cgroup as cgroup_step
 
 
@@ -284,14 +284,17 @@ def test_remove_kills_what_is_left():
     """Nothing is left once the init is reaped; if something were, remove() kills exactly the
     members of the cgroup, then removes it."""
     cgroup = cgroups.create(Policy.load("filter").limits)
-    member = os.fork()
+    member = syscalls.clone_into_cgroup(0, cgroup.clone_fd) if cgroup.clone_fd >= 0 \
+        else os.fork()
     if member == 0:
-        cgroup_step.enter(cgroup.procs_fds)
+        cgroup_step.enter(cgroup.procs_fds)  # v1; on v2 the clone put it there
         time.sleep(60)
         os._exit(0)
     cgroup.close_fds()
     dirs = [d for _, d in cgroup.dirs]
-    while not all(str(member) in Path(d, "cgroup.procs").read_text().split() for d in dirs):
+    for _ in range(1000):
+        if all(str(member) in Path(d, "cgroup.procs").read_text().split() for d in dirs):
+            break
         time.sleep(0.001)
     cgroup.remove()
     assert os.waitpid(member, 0)[1] == signal.SIGKILL

@@ -50,13 +50,14 @@ def v2_core(monkeypatch) -> Iterator[cgroups.Hierarchy]:
 
 
 def test_the_child_is_born_in_its_cgroup(v2_core):
+    before = set(os.listdir(v2_core.base))
     code = "print([x for x in open('/proc/self/cgroup') if x.startswith('0::')][0], end='')"
     ran = run_agent([PYTHON, "-I", "-c", code], overrides={"filesystem.proc": "true"})
     assert ran.result.outcome is Outcome.OK, ran.result
     relative = v2_core.base[len(UNIFIED):]
     assert ran.stdout.decode().startswith(f"0::{relative}/compartment-{os.getpid()}-")
     assert ran.result.cpu_s > 0  # from cpu.stat
-    assert not [n for n in os.listdir(v2_core.base) if n.startswith(f"compartment-{os.getpid()}")]
+    assert set(os.listdir(v2_core.base)) <= before  # and removed
 
 
 def test_cpu_seconds_is_the_total_on_v2(v2_core):
@@ -93,7 +94,7 @@ here = sys.argv[1]
 with open(here + "/cgroup.procs", "w") as procs:
     procs.write(str(os.getpid()))
 try:
-    found = cgroups._find_v2(here, frozenset({cgroups.CPU}))
+    found = cgroups._find_v2(here, frozenset(sys.argv[2:]))
     cgroups._prepare_v2(found)
     print(json.dumps({"base": found.base, "leaf": found.leaf,
                       "now": open("/proc/self/cgroup").read().split("::")[-1].strip()}))
@@ -104,6 +105,9 @@ except cgroups.Unavailable as err:
 
 @pytest.fixture
 def scratch_cgroup() -> Iterator[Path]:
+    if CONTROLLERS and cgroups._is_root(UNIFIED):  # as the supervisor enables them
+        Path(UNIFIED, "cgroup.subtree_control").write_text(
+            " ".join(f"+{c}" for c in CONTROLLERS))
     path = Path(UNIFIED, f"place-test-{os.getpid()}")
     path.mkdir()
     yield path
@@ -113,11 +117,16 @@ def scratch_cgroup() -> Iterator[Path]:
     path.rmdir()
 
 
+# The controllers this hierarchy has (none where they are all cgroup v1 controllers).
+CONTROLLERS = {cgroups.MEMORY, cgroups.PIDS} & set(
+    Path(UNIFIED, "cgroup.controllers").read_text().split() if UNIFIED else ())
+
+
 def _place(directory: Path) -> dict:
     import json
 
-    done = subprocess.run([sys.executable, "-c", PLACE, str(directory)], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", PLACE, str(directory), cgroups.CPU,
+                           *CONTROLLERS], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
@@ -133,6 +142,23 @@ def test_a_delegated_cgroup_is_divided_after_moving_into_its_leaf(scratch_cgroup
     assert found["base"] == str(scratch_cgroup)
     assert found["leaf"] == f"{scratch_cgroup}/supervisor"
     assert found["now"] == found["leaf"][len(UNIFIED):]  # it moved itself there
+
+
+@pytest.mark.skipif(not CONTROLLERS, reason="no memory or pids controller on this cgroup2 "
+                    "hierarchy (they are cgroup v1 controllers here), so there is nothing to "
+                    "enable that another process could block; tests/vm runs it")
+def test_a_delegated_cgroup_holding_other_processes_is_not_divided(scratch_cgroup):
+    os.setxattr(scratch_cgroup, "trusted.delegate", b"1")
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(scratch_cgroup, "cgroup.procs").write_text(str(other.pid))
+        found = _place(scratch_cgroup)
+        assert "holds other processes" in found["unavailable"]
+        # the supervisor went back where it was
+        assert str(other.pid) in Path(scratch_cgroup, "cgroup.procs").read_text().split()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_supervisor_started_in_the_leaf_uses_its_parent(scratch_cgroup):
