@@ -15,11 +15,14 @@ Supervisor side, root.  The life cycle of one compartment's cgroup:
              memory, OOM kills, all of the compartment's own tree
     remove   once the init is reaped: rmdir; what is still inside (nothing, normally: the pid
              namespace died with its init) is killed first — cgroup.kill on v2, on v1 each pid
-             of the cgroup's own cgroup.procs, checked through a pidfd
+             of the cgroup's own cgroup.procs, checked through a pidfd.  A process that runs
+             several compartments makes the next one's cgroup ahead and removes finished ones
+             in time it has to spare (make_spare), and the rest at exit (release)
     sweep    once per process, before the first create: cgroups that a supervisor which died
-             left behind.  Names are compartment-PID-START-N, PID and START (its start time in
-             clock ticks) those of the process that made them: when no process with that pid
-             and start time exists, the name is stale.
+             left behind.  Names are compartment-NS-PID-START-N: the pid namespace, pid and
+             start time (clock ticks after boot) of the process that made them.  A name of this
+             pid namespace whose process is gone is stale; names of other pid namespaces, whose
+             processes cannot be looked up from here, are left alone.
 
 Where: below the supervisor's own cgroup in each hierarchy (/proc/self/cgroup, mount points from
 /proc/self/mountinfo), never elsewhere.  cgroup v1 (memory, pids, cpuacct, each mounted on its
@@ -233,16 +236,16 @@ def _make(hierarchies: tuple[Hierarchy, ...], own: _State) -> Cgroup:
 def sweep(hierarchies: tuple[Hierarchy, ...]) -> int:
     """Remove the cgroups of supervisors that are gone, in every hierarchy (supervisors may
     share one and not another); returns how many directories were removed."""
-    removed = 0
+    removed, own_namespace = 0, os.stat("/proc/self/ns/pid").st_ino
     for hierarchy in hierarchies:
         with os.scandir(hierarchy.base) as entries:
             names = [e.name for e in entries if e.name.startswith(_PREFIX)]
         for name in names:
             parts = name[len(_PREFIX):].split("-")
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            if len(parts) != 4 or not all(p.isdigit() for p in parts):
                 continue  # not a name of ours
-            if _start_time(int(parts[0])) == int(parts[1]):
-                continue  # its supervisor is alive
+            if int(parts[0]) != own_namespace or _start_time(int(parts[1])) == int(parts[2]):
+                continue  # another pid namespace's, or its supervisor is alive
             try:
                 _remove(f"{hierarchy.base}/{name}", _SWEEP_WAIT_S)
             except OSError:
@@ -397,7 +400,8 @@ class _State:
     def __init__(self, pid: int) -> None:
         sweep(layout())
         self.pid = pid
-        self.prefix = f"{_PREFIX}{pid}-{_start_time(pid)}-"
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        self.prefix = f"{_PREFIX}{namespace}-{pid}-{_start_time(pid)}-"
         self.counter = itertools.count(1)
         self.spares: list[Cgroup] = []  # made ahead
         self.retired: list[Cgroup] = []  # empty, to remove in spare time

@@ -41,7 +41,7 @@ MiB = 1 << 20
 
 def _mine(pid: int = 0) -> list[str]:
     """Directories of compartments made by process `pid` (this one by default)."""
-    prefix = f"compartment-{pid or os.getpid()}-"
+    prefix = f"compartment-{os.stat('/proc/self/ns/pid').st_ino}-{pid or os.getpid()}-"
     return [f"{h.base}/{name}" for h in cgroups.layout() for name in os.listdir(h.base)
             if name.startswith(prefix)]
 

@@ -55,7 +55,8 @@ def test_the_child_is_born_in_its_cgroup(v2_core):
     ran = run_agent([PYTHON, "-I", "-c", code], overrides={"filesystem.proc": "true"})
     assert ran.result.outcome is Outcome.OK, ran.result
     relative = v2_core.base[len(UNIFIED):]
-    assert ran.stdout.decode().startswith(f"0::{relative}/compartment-{os.getpid()}-")
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    assert ran.stdout.decode().startswith(f"0::{relative}/compartment-{namespace}-{os.getpid()}-")
     assert ran.result.cpu_s > 0  # from cpu.stat
     assert set(os.listdir(v2_core.base)) <= before  # and removed
 
@@ -81,9 +82,16 @@ def test_remove_kills_what_is_left_with_cgroup_kill(v2_core):
 def test_sweep_on_v2(v2_core):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    stale = Path(v2_core.base, f"compartment-{dead.stdout.strip()}-1-1")
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    stale = Path(v2_core.base, f"compartment-{namespace}-{dead.stdout.strip()}-1-1")
+    elsewhere = Path(v2_core.base, f"compartment-{namespace + 1}-{dead.stdout.strip()}-1-1")
     stale.mkdir()
-    assert cgroups.sweep((v2_core,)) >= 1 and not stale.exists()
+    elsewhere.mkdir()
+    try:
+        assert cgroups.sweep((v2_core,)) >= 1 and not stale.exists()
+        assert elsewhere.exists()  # another pid namespace's: its pids mean nothing here
+    finally:
+        elsewhere.rmdir()
 
 
 # --- where: the root, a delegated cgroup, its leaf --------------------------------------------
