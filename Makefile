@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # gcc/libc6-dev build the static probe agents of the tests.
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml bin/compartment
 	@if [ "$$(id -u)" = 0 ] && ! dpkg -s libcap-dev libseccomp2 gcc libc6-dev python3-venv python3-dev >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			libcap-dev libseccomp2 gcc libc6-dev python3-venv python3-dev >/dev/null; fi

@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from compartment import message
-from compartment.exits import Convention, Outcome, diagnostic_line, runner_status, translate
+from compartment.exits import (
+    Convention,
+    Outcome,
+    Verdict,
+    classify,
+    diagnostic_line,
+    runner_status,
+    translate,
+)
 from compartment.policy import Limits, Policy
 from compartment.report import Result, append
 from compartment.supervisor import ConfigError, Prepared, supervise
@@ -28,7 +36,7 @@ if TYPE_CHECKING:  # typing costs a millisecond and a half at every command's st
     from typing import IO, TypeAlias
 
     Stream: TypeAlias = int | IO[bytes] | IO[str]
-UNREAD = "agent exited 0 without reading the whole message"
+    from compartment.learn.listener import Learner
 
 
 class Interrupted(Exception):
@@ -49,14 +57,20 @@ def run(argv: Sequence[str], policy: Policy, *, stdin: Stream = 0, stdout: Strea
 
 def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             env: Mapping[str, str] | None, caller: Convention,
-            agent_exit_codes: str | None = None) -> tuple[Result, bytes]:
-    """One run without telling anyone: the Result and what the agent said on stderr."""
-    agent = Convention(agent_exit_codes or policy.exit.agent_codes)
+            agent_exit_codes: str | None = None,
+            learner: Learner | None = None) -> tuple[Result, bytes]:
+    """One run without telling anyone: the Result and what the agent said on stderr.
+    `learner` is for `compartment learn` only (compartment.learn)."""
+    named = agent_exit_codes or policy.exit.agent_codes
+    agent = caller if named == "caller" else Convention(named)
     started = time.monotonic()
     watch: Watch | None = None
     try:
-        with message.handed(fds[0], policy.message.stdin, policy.message.max_bytes) as stdin:
-            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env)
+        problem = unopened(fds)
+        if problem:
+            raise ConfigError(problem)
+        with message.handed(fds, policy.message.stdin, policy.message.max_bytes) as stdin:
+            watch, prepared = supervise(argv, policy, (stdin, fds[1], fds[2]), env, learner)
             result = _classify(watch, prepared, policy, argv, caller, agent)
     except (ConfigError, message.MessageError) as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
@@ -67,6 +81,18 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
                          policy.name, argv, caller, started)
     return result, bytes(watch.diagnostics) if watch else b""
+
+
+def unopened(fds: tuple[int, int, int]) -> str:
+    """Why these cannot be the caller's descriptors, or "": a number that is not open would be
+    taken by the first pipe or spool of ours and mistaken for the caller's.  (The command
+    holds the caller's closed ones with placeholders; this is for the library's callers.)"""
+    for name, fd in zip(("stdin", "stdout", "stderr"), fds, strict=True):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError as err:
+            return f"{name} (descriptor {fd}): {err.strerror}"
+    return ""
 
 
 def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str],
@@ -113,12 +139,14 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
     cpu_s, peak_bytes = usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
     if watch.usage:  # the cgroup's: the compartment's own tree, every process and the kernel's
         cpu_s, peak_bytes = watch.usage.cpu_s, watch.usage.peak_memory_bytes or peak_bytes
-    outcome, reason, code, signum = _outcome(watch, policy, cpu_s)
+    outcome, reason, code, signum = _outcome(watch, policy, cpu_s, agent)
     stdin_fd, offset = prepared.stdin_fd, prepared.stdin_offset
     if outcome is Outcome.OK and policy.exit.require_full_read and \
             not _fully_read(stdin_fd, offset):
-        # Postfix and Exim would record the message as delivered: keep it instead.
-        outcome, reason = Outcome.AGENT_FAILED, UNREAD
+        # Every status that means delivered (0, a qmail agent's 99): the MTA would record the
+        # message as delivered, so it is kept instead.
+        outcome = Outcome.AGENT_FAILED
+        reason = f"agent exited {code} without reading the whole message"
         status = runner_status(caller)
     elif outcome in (Outcome.OK, Outcome.AGENT_FAILED):
         status = translate(code or 0, agent, caller)
@@ -134,9 +162,10 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
                   bytes_out=watch.bytes_out)
 
 
-def _outcome(watch: Watch, policy: Policy,
-             cpu_s: float) -> tuple[Outcome, str, int | None, int | None]:
-    """(outcome, reason, agent exit status, agent signal) from what the watch saw."""
+def _outcome(watch: Watch, policy: Policy, cpu_s: float,
+             agent: Convention) -> tuple[Outcome, str, int | None, int | None]:
+    """(outcome, reason, agent exit status, agent signal) from what the watch saw; `agent` is
+    the convention the agent's status speaks, which says what "delivered" is."""
     status = watch.wait_status if watch.agent_wait_status is None else watch.agent_wait_status
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -145,9 +174,9 @@ def _outcome(watch: Watch, policy: Policy,
         internal = watch.setup_error.step == "internal"
         return (Outcome.INTERNAL_ERROR if internal else Outcome.CONFIG_ERROR,
                 f"cannot start the agent: {watch.setup_error.text()}", None, None)
-    if watch.usage and watch.usage.oom_kills:
-        # The kernel killed in the compartment (the agent, a child of it, even the init): a
-        # process was cut off, whatever the agent's status says.
+    if (watch.usage and watch.usage.oom_kills) or watch.killed_for is Outcome.MEMORY_LIMIT:
+        # The kernel killed in the compartment (the agent, a child of it, even the init), or
+        # was about to: a process was cut off, whatever the agent's status says.
         return (Outcome.MEMORY_LIMIT, f"used its {_size(limits.memory_bytes)} of memory "
                 "(limits.memory_bytes)", None, signum)
     if watch.agent_wait_status is None and not watch.killed_for:
@@ -159,7 +188,10 @@ def _outcome(watch: Watch, policy: Policy,
                   Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
                   Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
                   Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
-        return watch.killed_for, reason, None, signum
+        if code is not None and watch.killed_for is Outcome.TIMEOUT:
+            # the agent had finished, and what it left running had not
+            reason += f" (the agent had exited {code}; a process it left was still running)"
+        return watch.killed_for, reason, code, signum
     if signum is not None:
         name = signal.Signals(signum).name
         if signum == signal.SIGSYS:
@@ -172,8 +204,8 @@ def _outcome(watch: Watch, policy: Policy,
             return (Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past "
                     f"{limits.file_bytes} bytes", None, signum)
         return Outcome.SIGNAL, f"killed by {name}", None, signum
-    if code == 0:
-        return Outcome.OK, "delivered", 0, None
+    if code is not None and classify(code, agent) is Verdict.SUCCESS:
+        return Outcome.OK, "delivered", code, None
     return Outcome.AGENT_FAILED, agent_reason(code), code, None
 
 

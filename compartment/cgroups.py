@@ -86,6 +86,7 @@ class Cgroup:
         self.procs_fds: tuple[int, ...] = ()  # v1: cgroup.procs, for the child to write "0" to
         self.clone_fd = -1  # v2: the directory, for clone3(CLONE_INTO_CGROUP)
         self.limited: tuple[int, int] | None = None  # (memory_bytes, processes) written
+        self.oom_fd = -1  # v1: an eventfd the kernel signals when the cgroup runs out of memory
 
     def _dir(self, what: str) -> tuple[int, str] | None:
         return next(((h.version, d) for h, d in self.dirs if what in h.serves), None)
@@ -143,10 +144,27 @@ class Cgroup:
                 os.close(fd)
         self.procs_fds, self.clone_fd = (), -1
 
+    def watch_oom(self) -> int:
+        """v1, which has no memory.oom.group: an eventfd that becomes readable when the memory
+        cgroup runs out, for the supervisor to kill the whole compartment then, as v2 does
+        by itself (memory.oom.group); -1 on v2 or without a memory controller."""
+        found = self._dir(MEMORY)
+        if self.oom_fd < 0 and found and found[0] == 1:
+            self.oom_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            control = os.open(f"{found[1]}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(f"{found[1]}/cgroup.event_control", f"{self.oom_fd} {control}")
+            finally:
+                os.close(control)
+        return self.oom_fd
+
     def remove(self) -> None:
         """After the init is reaped: kill what is left, if anything, and remove every directory.
         Raises OSError if processes survive SIGKILL, which would mean something escaped."""
         self.close_fds()
+        if self.oom_fd >= 0:
+            os.close(self.oom_fd)
+            self.oom_fd = -1
         for _, path in self.dirs:
             _remove(path, _REMOVE_WAIT_S)
 
@@ -158,6 +176,9 @@ class Cgroup:
             self.remove()
             return
         self.close_fds()
+        if self.oom_fd >= 0:
+            os.close(self.oom_fd)
+            self.oom_fd = -1
         _own_state().retired.append(self)
 
     def _empty(self) -> bool:

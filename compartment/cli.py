@@ -1,19 +1,23 @@
 """The compartment command: a thin layer over the Python API.
 
-    compartment run [-p POLICY] [--exit-codes sysexits|qmail] [--agent-exit-codes sysexits|qmail]
+    compartment run [-p POLICY] [--exit-codes sysexits|qmail]
+                    [--agent-exit-codes caller|sysexits|qmail]
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
     compartment check [-p POLICY] [--set KEY=VALUE]...
     compartment policies
+    compartment learn | audit ...     (the policy tools: compartment.policy_tools)
 
-`run` is what an MTA executes, so even a usage error must not exit 2 (Postfix would bounce the
-message): every failure of the command line itself is a temporary failure in the caller's
-convention, with the reason on stderr.
+`run` and `filter` are what an MTA executes, so every way out of them is a contract status:
+a usage error, a help request, a crash of ours, a stdout that cannot be written, descriptors
+0, 1 or 2 left closed by the caller.  None exits 1 or 2 (Postfix and Exim would bounce the
+message); each is a temporary failure in the caller's convention, with one reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import os
 import signal
@@ -30,9 +34,31 @@ class UsageError(Exception):
     pass
 
 
+class Answered(Exception):
+    """argparse answered by itself (--help): its exit status; for a delivery command, where a
+    help request is not a delivery, None and the help text, told after our reason line."""
+
+    def __init__(self, status: int | None, text: str = "") -> None:
+        super().__init__(status)
+        self.status, self.text = status, text
+
+
 class _Parser(argparse.ArgumentParser):
+    delivery = False  # run and filter: their help goes to stderr, and is no success
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
+
+    def print_help(self, file: object = None) -> None:
+        if not self.delivery:  # a delivery command's help goes to stderr, with exit()
+            super().print_help(file)  # type: ignore[arg-type]
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            say(message)
+        if self.delivery:
+            raise Answered(None, self.format_help())
+        raise Answered(status)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     # bz2 and lzma) on every delivery.
     parser = functools.partial(_Parser, formatter_class=functools.partial(
         argparse.HelpFormatter, width=100))
-    top = parser(prog="compartment", description="Run a mail agent confined by the kernel.")
+    top = parser(prog="compartment", description="Run a mail agent confined by the kernel.",
+                 epilog="Policy tools: compartment learn --help, compartment audit --help.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=parser)
     run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
     filt = commands.add_parser("filter", help="run PROGRAM confined; its stdout is the new "
@@ -60,10 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override one policy key, e.g. limits.cpu_seconds=10")
     for sub in (run, filt):
+        sub.delivery = True  # type: ignore[attr-defined]
         sub.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
                          help="the exit-status convention of the caller (default: sysexits)")
-        sub.add_argument("--agent-exit-codes", choices=("sysexits", "qmail"),
-                         help="the convention the agent speaks (default: the policy's)")
+        sub.add_argument("--agent-exit-codes", choices=("caller", "sysexits", "qmail"),
+                         help="the convention the agent speaks (default: the policy's "
+                         "exit.agent_codes, by default the caller's)")
         sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
         sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
     return top
@@ -73,33 +102,73 @@ def command() -> NoReturn:
     """The installed command: main(), then exit without tearing the interpreter down, which
     costs a few milliseconds per delivery and has nothing left to do: the report is written,
     the agent's output is in the kernel's hands, and the two streams are flushed here."""
+    args_list = sys.argv[1:]
+    status = _failure_status(args_list)  # if even the catch-all below cannot finish
     try:
-        status = main()
-    except SystemExit as err:  # --help
-        status = err.code if isinstance(err.code, int) else 0
-    except Exception as err:  # noqa: BLE001 - exit 1 would be a bounce; this is ours to retry
-        status = _usage_failure(sys.argv[1:], f"compartment: internal error: "
-                                f"{type(err).__name__}: {err}")
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+        status = main(args_list, _occupy_closed())
+    except BaseException as err:  # noqa: BLE001 - the outermost layer: KeyboardInterrupt,
+        # MemoryError, a stray SystemExit, a bug of ours: exit 1 would be a bounce
+        with contextlib.suppress(BaseException):  # telling failed too: the status still tells
+            status = _usage_failure(args_list, f"compartment: internal error: "
+                                    f"{type(err).__name__}: {err}")
+    for stream in (sys.stdout, sys.stderr):  # None when the caller started us without it
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # a full disk, a reader gone
+                stream.flush()
     os._exit(status)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()) -> int:
+    """`closed`: which of descriptors 0, 1, 2 the caller left closed (now placeholders)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["learn"], ["audit"]):  # policy tools, with parsers of their own
+        from compartment.policy_tools import main as tool
+
+        return tool(args_list)
     try:
         args = _parser().parse_args(args_list)
     except UsageError as err:
         return _usage_failure(args_list, str(err))
+    except Answered as answer:
+        if answer.status is not None:
+            return answer.status
+        return _usage_failure(args_list, f"compartment {args_list[0]}: help requested; "
+                              "nothing was run", then=answer.text)
     if args.command == "policies":
         return _policies()
     if args.command == "check":
         return _check(args)
-    return _run(args)  # run and filter
+    return _run(args, stdin_closed=0 in closed)  # run and filter
 
 
-def _run(args: argparse.Namespace) -> int:
+def say(text: str) -> None:
+    """Every diagnostic of ours: straight to descriptor 2.  sys.stderr is None when the caller
+    started us with it closed, and a write that fails (closed, a full disk, a reader gone)
+    must not turn into a traceback and exit 1: the exit status still tells."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode(errors="replace"))
+
+
+def _occupy_closed() -> frozenset[int]:
+    """Descriptors 0, 1 and 2 the caller left closed, each now held by /dev/null opened so
+    that using it fails (write-only for stdin, read-only for stdout and stderr): the agent's
+    writes there fail as they would unconfined, and no descriptor of ours (a pipe, a spool)
+    lands on the number and is taken for the caller's."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        placeholder = os.open("/dev/null", os.O_WRONLY if fd == 0 else os.O_RDONLY)
+        if placeholder != fd:
+            os.dup2(placeholder, fd, inheritable=False)
+            os.close(placeholder)
+    return frozenset(closed)
+
+
+def _run(args: argparse.Namespace, stdin_closed: bool) -> int:
     from compartment.api import Interrupted, failure, finish, run
     from compartment.policy import Policy, PolicyError
 
@@ -123,6 +192,11 @@ def _run(args: argparse.Namespace) -> int:
         result = failure(Outcome.CONFIG_ERROR, f"policy: {err}", args.policy, program, caller)
         finish(result, 2, b"", args.report or "", caller)
         return result.exit_status
+    if stdin_closed:
+        result = failure(Outcome.CONFIG_ERROR, "stdin is closed: there is no message",
+                         policy.name, program, caller)
+        finish(result, 2, b"", args.report or policy.report.path, caller)
+        return result.exit_status
     if args.command == "filter":
         from compartment.filtering import filter_message
 
@@ -137,18 +211,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from compartment.policy import Policy, PolicyError
-    from compartment.rootfs import PlanError, plan
+    from compartment.rootfs import PlanError
+    from compartment.supervisor import ConfigError, describe_root
     from compartment.syscall_filter import FilterError, compile_filter
 
     try:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
-        root = plan(policy.filesystem, program=None)
+        root = describe_root(policy)
         enforcement = _enforcement(policy.limits.enforcement)
-    except (PolicyError, FilterError, PlanError) as err:
-        print(f"compartment check: {err}", file=sys.stderr)
+    except (PolicyError, FilterError, PlanError, ConfigError) as err:
+        say(f"compartment check: {err}\n")
         return EX_CONFIG
-    sys.stdout.write(policy.to_toml())
+    print(policy.to_toml(), end="")
     print(f"\n# limits enforced by {enforcement}")
     print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
     print("# the agent's root on this machine (besides the program itself):")
@@ -162,20 +237,18 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _enforcement(enforcement: str) -> str:
-    """How a run by this caller would bound memory, processes and CPU; raises PolicyError when
-    it could not run at all."""
+    """How a run by this caller would bound memory, processes and CPU; raises PolicyError or
+    ConfigError when it could not run at all."""
     from compartment import cgroups
     from compartment.policy import PolicyError
-    from compartment.supervisor import ConfigError, uses_cgroup
+    from compartment.supervisor import uses_cgroup
 
+    if not uses_cgroup(enforcement, os.geteuid() != 0):
+        why = "unprivileged" if enforcement == "auto" else 'limits.enforcement = "rlimits"'
+        return (f"rlimits only ({why}): RLIMIT_AS, RLIMIT_CPU per process, RLIMIT_NPROC per "
+                "uid; the kernel's memory is not counted")
     try:
-        if not uses_cgroup(enforcement, os.geteuid() != 0):
-            why = "unprivileged" if enforcement == "auto" else 'limits.enforcement = "rlimits"'
-            return (f"rlimits only ({why}): RLIMIT_AS, RLIMIT_CPU per process, RLIMIT_NPROC "
-                    "per uid; the kernel's memory is not counted")
         found = cgroups.find()
-    except ConfigError as err:
-        raise PolicyError(str(err)) from None
     except cgroups.Unavailable as err:
         raise PolicyError(f'limits.enforcement = "{enforcement}": no usable cgroup: '
                           f"{err}") from None
@@ -198,12 +271,17 @@ def _policies() -> int:
     return 0
 
 
-def _usage_failure(args_list: Sequence[str], message: str) -> int:
-    qmail = _wants_qmail(args_list)
-    print(("" if qmail else "4.3.5 ") + message, file=sys.stderr)
+def _usage_failure(args_list: Sequence[str], message: str, then: str = "") -> int:
+    """Tell why, in the caller's convention, as the first line (MTAs read it), followed by
+    `then`; return the status for it."""
+    say(("" if _wants_qmail(args_list) else "4.3.5 ") + message + "\n" + then)
+    return _failure_status(args_list)
+
+
+def _failure_status(args_list: Sequence[str]) -> int:
     if args_list[:1] in (["check"], ["policies"]):
         return EX_CONFIG
-    return runner_status(Convention.QMAIL if qmail else Convention.SYSEXITS)
+    return runner_status(Convention.QMAIL if _wants_qmail(args_list) else Convention.SYSEXITS)
 
 
 def _wants_qmail(args_list: Sequence[str]) -> bool:

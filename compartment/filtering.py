@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from compartment import message
-from compartment.api import execute, failure, finish
+from compartment.api import execute, failure, finish, unopened
 from compartment.exits import Convention, Outcome, runner_status
 from compartment.policy import Policy
 from compartment.report import Result
@@ -37,14 +37,22 @@ def filter_message(argv: Sequence[str], policy: Policy, *, stdin: int = 0,
     started = time.monotonic()
     diagnostics = b""
     try:
+        problem = unopened((stdin, stdout, stderr))
+        if problem:
+            raise message.MessageError(problem)
         original = _seekable(stdin, policy.message.max_bytes)
     except message.MessageError as err:
         result = failure(Outcome.CONFIG_ERROR, str(err), policy.name, argv, caller, started)
     else:
-        with os.fdopen(original, "rb") as kept:
-            result, diagnostics = _filter(argv, policy, kept.fileno(), output, reinject,
-                                          sendmail, stdout, stderr, env, caller,
-                                          agent_exit_codes)
+        try:
+            with os.fdopen(original, "rb") as kept:
+                result, diagnostics = _filter(argv, policy, kept.fileno(), output, reinject,
+                                              sendmail, stdout, stderr, env, caller,
+                                              agent_exit_codes)
+        except Exception as err:  # noqa: BLE001 - as execute()'s: around what the filter adds
+            # (the new message's file, handing it on), so that the report still tells
+            result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: "
+                             f"{err}", policy.name, argv, caller, started)
     finish(result, stderr, diagnostics, report or policy.report.path, caller)
     return result
 
@@ -90,7 +98,7 @@ def _seekable(fd: int, max_bytes: int) -> int:
         raise message.MessageError(f"stdin: {err.strerror}") from None
     if stat.S_ISREG(info.st_mode):  # the caller's own file: nothing to copy
         return message.reopen_read_only(fd)
-    return message.spool_copy(fd, "file", max_bytes)
+    return message.spool_copy(fd, "disk", max_bytes)
 
 
 def _hand_on(fd: int, output: str | None, reinject: Sequence[str] | None, sendmail: str,

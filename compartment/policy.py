@@ -10,12 +10,14 @@ docs/policy.md is the reference an administrator reads.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from compartment import paths
 from compartment.policy_fields import (
     NAME_RE,
     Bad,
@@ -43,6 +45,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SHIPPED = next((d for d in (os.path.join(_HERE, "policies"),
                              os.path.join(os.path.dirname(_HERE), "policies"))
                  if os.path.isdir(d)), os.path.join(_HERE, "policies"))
+# The administrator's own, looked up by name before the shipped ones.
+ADMIN_POLICIES = "/etc/compartment/policies"
 
 
 class PolicyError(Exception):
@@ -146,21 +150,23 @@ class Descriptors:
 @dataclass(frozen=True)
 class Exit:
     agent_codes: str = field(
-        choice("sysexits", "qmail"), "sysexits",
-        "the convention the agent's own exit status speaks")
+        choice("caller", "sysexits", "qmail"), "caller",
+        'the convention the agent\'s own exit status speaks; "caller": the one the caller '
+        "speaks (--exit-codes), so the MTA reads the agent's verdicts as it would unconfined")
     violation: str = field(
         choice("temporary", "permanent"), "temporary",
         "what a seccomp violation is for the caller")
     require_full_read: bool = field(
-        boolean, False, "an agent that exits 0 without reading all of stdin fails temporarily")
+        boolean, False, "an agent that reports success (0, or a qmail agent's 99) without "
+        "reading all of stdin fails temporarily")
 
 
 @dataclass(frozen=True)
 class Message:
     stdin: str = field(
         choice("direct", "memfd", "file"), "direct",
-        '"direct": the caller\'s descriptor as it is; "memfd": a sealed read-only copy '
-        '(seekable); "file": a private temporary copy the agent may edit')
+        '"direct": the caller\'s descriptor, read-only; "memfd": a sealed read-only copy '
+        '(seekable); "file": a private copy in memory the agent may edit')
     max_bytes: int = field(
         size, 1 << 30, "largest message copied for memfd, file or the filter's spool; larger "
         "is a temporary failure")
@@ -230,32 +236,52 @@ class Policy:
 
 
 def shipped() -> dict[str, str]:
-    """Name → description of each policy installed with the package."""
-    found = {}
-    for name in sorted(os.listdir(_SHIPPED)):
-        if name.endswith(".toml"):
-            with open(os.path.join(_SHIPPED, name), "rb") as file:
-                found[name[:-5]] = str(tomllib.load(file).get("description", ""))
+    """Name → description of each policy found by name: the administrator's, then those
+    installed with the package."""
+    found: dict[str, str] = {}
+    for directory in (ADMIN_POLICIES, _SHIPPED):
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.endswith(".toml") and name[:-5] not in found:
+                with open(os.path.join(directory, name), "rb") as file:
+                    found[name[:-5]] = str(tomllib.load(file).get("description", ""))
     return found
 
 
 def _read(name_or_path: str) -> tuple[str, str, str]:
     if "/" in name_or_path or name_or_path.endswith(".toml"):
-        try:
-            with open(name_or_path, encoding="utf-8") as file:
-                return os.path.basename(name_or_path).removesuffix(".toml"), name_or_path, \
-                    file.read()
-        except (OSError, UnicodeDecodeError) as err:
-            raise PolicyError(f"{name_or_path}: cannot read policy: {err}") from None
+        text = _read_trusted(os.path.abspath(name_or_path), missing_ok=False)
+        return os.path.basename(name_or_path).removesuffix(".toml"), name_or_path, text or ""
     if not NAME_RE.fullmatch(name_or_path) or name_or_path.startswith("@"):
         raise PolicyError(f"{name_or_path!r}: not a policy name or a path")
-    entry = os.path.join(_SHIPPED, f"{name_or_path}.toml")
+    for directory in (ADMIN_POLICIES, _SHIPPED):
+        entry = os.path.join(directory, f"{name_or_path}.toml")
+        text = _read_trusted(entry, missing_ok=True)
+        if text is not None:
+            return name_or_path, f"policy {name_or_path} ({entry})", text
+    raise PolicyError(f"no policy named {name_or_path!r} (in {ADMIN_POLICIES} or shipped: "
+                      f"{', '.join(shipped())}); give a path to use your own file")
+
+
+def _read_trusted(path: str, missing_ok: bool) -> str | None:
+    """A policy decides what an agent may touch and as whom, so whoever can rewrite it chooses
+    that: it and every directory above it must belong to root (or to an unprivileged caller
+    itself) and be writable by nobody else (compartment.paths.open_trusted)."""
     try:
-        with open(entry, encoding="utf-8") as file:
-            return name_or_path, f"policy {name_or_path} ({entry})", file.read()
-    except FileNotFoundError:
-        raise PolicyError(f"no shipped policy named {name_or_path!r} (shipped: "
-                          f"{', '.join(shipped())}); give a path to use your own file") from None
+        fd = paths.open_trusted(path, owners=paths.trusted_owners())
+    except paths.PathError as err:
+        if missing_ok and err.errno == errno.ENOENT:
+            return None
+        why = err.why.removeprefix(f"{path}: ")  # the file itself: named once
+        raise PolicyError(f"{path}: cannot read policy: {why}") from None
+    try:
+        with open(fd, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError(f"{path}: cannot read policy: {err}") from None
 
 
 def _pairs(overrides: Mapping[str, str] | Iterable[str]) -> Iterable[tuple[str, str]]:

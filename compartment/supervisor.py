@@ -17,11 +17,15 @@ import socket
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from compartment import cgroups, rootfs, syscall_filter, syscalls, uidpool
-from compartment.confine import Plan, namespaces, rlimits, run_child, scope
+from compartment import cgroups, paths, rootfs, syscall_filter, syscalls, uidpool
+from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, scope
 from compartment.policy import Policy
 from compartment.watch import Watch
+
+if TYPE_CHECKING:
+    from compartment.learn.listener import Learner
 
 
 class ConfigError(Exception):
@@ -35,7 +39,12 @@ class Prepared:
     lease: uidpool.Lease | None
     stdin_fd: int
     stdin_offset: int | None  # None when stdin is not a regular file
+    opened: dict[str, int]  # the named paths and the program, open until the child has them
+    trees: list[int]  # their detached mounts (root), as long
     cgroup: cgroups.Cgroup | None = None  # None: limits.enforcement is rlimits
+
+    def close_paths(self) -> None:
+        close_all(self.opened, self.trees)
 
 
 def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
@@ -50,22 +59,33 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
     source_env = os.environ if env is None else env
     agent_env.update((name, source_env[name]) for name in policy.environment.pass_
                      if name in source_env)
-    program = _resolve(argv[0], agent_env.get("PATH", "/usr/bin:/bin"))
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
     unprivileged = os.geteuid() != 0
     use_cgroup = uses_cgroup(policy.limits.enforcement, unprivileged)
     last_cap = syscalls.cap_last_cap()
     rlimit_plan = rlimits.plan(policy.limits, use_cgroup)
+    program, opened = _open_paths(argv[0], agent_env.get("PATH", "/usr/bin:/bin"), policy)
+    trees: list[int] = []
     try:
-        fs = rootfs.plan(policy.filesystem, program)
-        _check_interpreter(program, fs)
+        fs = rootfs.plan(policy.filesystem, program, opened)
+        _check_interpreter(program, opened[program], fs)
+        if not unprivileged:
+            fs, trees = filesystem.prepare(fs)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
-        uid, gid, lease = _identity(policy, unprivileged)  # last: nothing below can fail
+        uid, gid, lease = _identity(policy, unprivileged, opened)  # last: nothing below fails
     except (rootfs.PlanError, syscall_filter.FilterError, uidpool.PoolExhausted) as err:
+        close_all(opened, trees)
         raise ConfigError(str(err)) from None
+    except BaseException:
+        close_all(opened, trees)
+        raise
     network = _network(policy, unprivileged)
-    cgroup = _cgroup(policy, lease) if use_cgroup else None
+    try:
+        cgroup = _cgroup(policy, lease) if use_cgroup else None
+    except ConfigError:
+        close_all(opened, trees)
+        raise
     plan = Plan(unprivileged=unprivileged, cgroup_procs=cgroup.procs_fds if cgroup else (),
                 cgroup_fd=cgroup.clone_fd if cgroup else -1,
                 hostname=f"compartment-{os.urandom(4).hex()}.invalid",
@@ -73,7 +93,66 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
                 last_cap=last_cap, rlimits=rlimit_plan,
                 seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
                 env=agent_env)
-    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, cgroup)
+    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, opened, trees, cgroup)
+
+
+def open_named(policy: Policy) -> dict[str, int]:
+    """An O_PATH descriptor of every path the policy names, resolved once (compartment.paths);
+    the plan takes the type, the owner and the mount from these."""
+    opened: dict[str, int] = {}
+    trusted = paths.trusted_owners()
+    try:
+        for kind in ("readable", "writable"):
+            for path in getattr(policy.filesystem, kind):
+                try:
+                    opened[path] = paths.open_path(path, trusted=trusted)
+                except paths.PathError as err:
+                    raise ConfigError(f"filesystem.{kind}: {err}") from None
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def describe_root(policy: Policy, program: str | None = None) -> rootfs.Plan:
+    """The root a run would get, for the tools that show or reason about it (check, learn):
+    every named path opened as a run opens it, then closed again (the plan keeps no
+    descriptor)."""
+    opened = open_named(policy)
+    try:
+        if program and program not in opened:
+            try:
+                opened[program] = paths.open_path(program, trusted=paths.trusted_owners())
+            except paths.PathError as err:
+                raise ConfigError(f"program {err}") from None
+        fs = rootfs.plan(policy.filesystem, program, opened)
+    finally:
+        close_all(opened)
+    return replace(fs, entries=tuple(replace(e, fd=-1) for e in fs.entries))
+
+
+def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
+    """Close the descriptors of named paths (and their detached mounts); empties both."""
+    for fd in [*opened.values(), *(trees or ())]:
+        os.close(fd)
+    opened.clear()
+    if trees:
+        trees.clear()
+
+
+def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, int]]:
+    """The program and every named path, each opened once: (program, path -> descriptor)."""
+    opened = open_named(policy)
+    try:
+        program, program_fd = _resolve(name, search)
+    except BaseException:
+        close_all(opened)
+        raise
+    if program in opened:  # the program is itself a named path: one descriptor is enough
+        os.close(program_fd)
+    else:
+        opened[program] = program_fd
+    return program, opened
 
 
 def spawn(plan: Plan) -> tuple[int, socket.socket]:
@@ -104,14 +183,23 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
 
 
 def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
-              env: Mapping[str, str] | None) -> tuple[Watch, Prepared]:
+              env: Mapping[str, str] | None,
+              learner: Learner | None = None) -> tuple[Watch, Prepared]:
+    """One run; `learner` is `compartment learn`'s (its filter, its notification handler),
+    None on every delivery path."""
     prepared = prepare(argv, policy, fds, env)
+    if learner is not None:
+        prepared.plan = replace(prepared.plan, seccomp=learner.compiled.prepared)
     try:
-        watch = Watch(policy.limits, fds, prepared.compiled.names, prepared.cgroup)
+        watch = Watch(policy.limits, fds, prepared.compiled.names,
+                      learner.notified if learner is not None else None, prepared.cgroup)
         try:
             handed = [(0, fds[0]), *watch.agent_ends(),
                       *((fd, fd) for fd in policy.descriptors.pass_)]
-            pid, status = spawn(replace(prepared.plan, handed=tuple(handed)))
+            try:
+                pid, status = spawn(replace(prepared.plan, handed=tuple(handed)))
+            finally:
+                prepared.close_paths()  # the child has its copies, or there is no child
             watch.start(pid, status)
             watch.run()
         finally:
@@ -154,7 +242,8 @@ def _cgroup(policy: Policy, lease: uidpool.Lease | None) -> cgroups.Cgroup:
                              if enforcement == "auto" else "")) from None
 
 
-def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lease | None]:
+def _identity(policy: Policy, unprivileged: bool,
+              opened: dict[str, int]) -> tuple[int, int, uidpool.Lease | None]:
     if unprivileged:
         return os.getuid(), os.getgid(), None  # kept, mapped into the user namespace
     ident = policy.identity
@@ -162,38 +251,46 @@ def _identity(policy: Policy, unprivileged: bool) -> tuple[int, int, uidpool.Lea
         lease = uidpool.lease(*ident.uid_pool)
         return lease.uid, lease.uid, lease
     if ident.uid == "owner":
-        info = os.stat(policy.filesystem.writable[0])
+        # The owner of what will be mounted, from the descriptor that will be mounted.
+        mailbox = policy.filesystem.writable[0]
+        info = os.fstat(opened[mailbox])
         if info.st_uid == 0:
-            raise ConfigError(f"identity.uid = \"owner\": {policy.filesystem.writable[0]} is "
-                              "owned by root; refusing to run the agent as root")
+            raise ConfigError(f"identity.uid = \"owner\": {mailbox} is owned by root; "
+                              "refusing to run the agent as root")
         return info.st_uid, info.st_gid, None
     return int(ident.uid), int(ident.gid), None
 
 
-def _resolve(name: str, path: str) -> str:
+def _resolve(name: str, search: str) -> tuple[str, int]:
+    """The program's path and an O_PATH descriptor of it, opened once (compartment.paths).  A
+    name without a slash is looked for on the policy's PATH, the system's own directories."""
     found = name if "/" in name else next(
-        (os.path.join(d, name) for d in path.split(":")
+        (os.path.join(d, name) for d in search.split(":")
          if os.access(os.path.join(d, name), os.X_OK)), None)
     if not found or not os.path.isabs(found):
         raise ConfigError(f"program {name}: not found (give an absolute path, or a name on "
-                          f"the policy's PATH {path})")
+                          f"the policy's PATH {search})")
+    program = os.path.normpath(found)
     try:
-        info = os.stat(found)
-    except OSError as err:
-        raise ConfigError(f"program {found}: {err.strerror}") from None
-    if not os.path.isfile(found) or not info.st_mode & 0o111:
-        raise ConfigError(f"program {found}: not an executable file")
-    return os.path.normpath(found)
+        fd = paths.open_path(program, trusted=paths.trusted_owners())
+    except paths.PathError as err:
+        raise ConfigError(f"program {err}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o111:
+        os.close(fd)
+        raise ConfigError(f"program {program}: not an executable file")
+    return program, fd
 
 
-def _check_interpreter(program: str, fs: rootfs.Plan) -> None:
+def _check_interpreter(program: str, program_fd: int, fs: rootfs.Plan) -> None:
     """A script's #! interpreter must exist in the new root, or exec fails with a misleading
     ENOENT that names the script."""
     try:
-        with open(program, "rb") as file:
-            head = file.read(256)
+        readable = paths.reopen(program_fd, os.O_RDONLY)
     except OSError:
         return  # execute-only: exec will tell
+    with open(readable, "rb") as file:
+        head = file.read(256)
     if not head.startswith(b"#!"):
         return
     words = head[2:].split(b"\n", 1)[0].split()

@@ -3,8 +3,13 @@
 Supervisor side, before clone (the child only loads the result: compartment.confine.seccomp).
 The policy's groups and names become a BPF program through libseccomp (pyseccomp).  Compiling
 costs tens of milliseconds, mostly in importing pyseccomp, so the program and its syscall-name
-table are cached by a hash of everything they depend on, in a directory only the caller can
-write.  Denied syscalls return SECCOMP_RET_USER_NOTIF: the calling
+table are cached by a hash of everything they depend on.  The cache is root's alone
+(/var/cache/compartment/seccomp, readable by all): written only by root, read by root and
+unprivileged callers alike, and only when the file and every directory above it are root's and
+writable by nobody else.  No agent ever runs as root, so none can forge it.  An unprivileged
+caller keeps no cache of its own: its agents run as its own uid, and a file the caller could
+write, one of them could rewrite (a forged program would leave the next run unfiltered); on a
+miss it compiles in memory.  Denied syscalls return SECCOMP_RET_USER_NOTIF: the calling
 thread stops in the kernel, the supervisor reads which syscall it was from the listener and kills
 the compartment, and the report names the syscall.  Syscalls of other ABIs (i386, x32) never
 reach the table: the architecture check kills the process outright.
@@ -20,7 +25,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compartment import syscalls
+from compartment import paths, syscalls
 from compartment.policy import Network, Seccomp
 
 if TYPE_CHECKING:
@@ -69,7 +74,8 @@ _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 
                     0x02000000, 0x00000080)  # CLONE_NEW{NS,UTS,IPC,USER,PID,NET,CGROUP,TIME}
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
-_AF_UNIX, _ENOSYS, _EPERM = 1, 38, 1
+_AF_UNIX, _ENOSYS, _EOPNOTSUPP, _EPERM = 1, 38, 95, 1
+_SOCKET_CALLS = frozenset({"socket", "socketpair"})
 # setsockopt(SOL_SOCKET, SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE)
 _SOL_SOCKET, _BUFFER_OPTIONS = 1, (7, 8, 32, 33)
 _S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
@@ -77,6 +83,9 @@ _UNSUPPORTED = ("clone3", "openat2", "memfd_create", "memfd_secret", "shmget", "
                 "semget")
 _MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "mkdir": 1,
                   "mkdirat": 2, "mknod": 1, "mknodat": 2, "creat": 1}
+
+
+CACHE_DIR = "/var/cache/compartment/seccomp"
 
 
 class FilterError(Exception):
@@ -110,20 +119,33 @@ def compile_filter(spec: Seccomp, network: Network) -> CompiledFilter:
     # The key covers this file too (its size and time): changed rules never reuse an old
     # program.  The file name is a checksum of the key; the key itself is stored in the file
     # and compared, so two keys that share a checksum can never share a program.
-    rules = os.stat(__file__)
-    key = json.dumps([os.uname().machine, rules.st_size, rules.st_mtime_ns, spec.default,
-                      spec.allow, spec.deny, network.unix_sockets])
-    cache = _cache_dir()
-    cached = _read_cache(cache, key) if cache else None
+    key = cache_key(spec, network)
+    cached = _read_cache(key)
     if cached:
         return cached
     compiled = _compile(spec, network)
-    if cache:
-        _write_cache(cache, key, compiled)
+    if os.geteuid() == 0:
+        _write_cache(key, compiled)
     return compiled
 
 
-def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
+def cache_key(spec: Seccomp, network: Network) -> str:
+    """Everything the program depends on, this file's rules included (its size and time)."""
+    rules = os.stat(__file__)
+    return json.dumps([os.uname().machine, rules.st_size, rules.st_mtime_ns, spec.default,
+                       spec.allow, spec.deny, network.unix_sockets])
+
+
+def compile_learning_filter(spec: Seccomp, network: Network,
+                            watched: frozenset[str]) -> CompiledFilter:
+    """For `compartment learn` only (never on a delivery path, never cached): the policy's
+    filter, except that every syscall in `watched` also goes to the listener, whatever the
+    policy says of it, so that learn sees the paths and processes the program asks for."""
+    return _compile(spec, network, watched)
+
+
+def _compile(spec: Seccomp, network: Network,
+             watched: frozenset[str] = frozenset()) -> CompiledFilter:
     import tempfile
 
     import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
@@ -135,13 +157,21 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
         raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
                           "which no policy can allow")
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
-    allowed.discard("prlimit64")  # only with pid 0: an argument rule, below
+    allowed -= {"prlimit64", *watched}  # prlimit64 only with pid 0: an argument rule, below
+    # Sockets are [network]'s to grant (AF_UNIX alone, by an argument rule below): a socket
+    # named in seccomp.allow must not bring every other family in with it.
+    named_sockets = allowed & _SOCKET_CALLS
+    if named_sockets:
+        raise FilterError(f"seccomp.allow: {sorted(named_sockets)[0]!r} is granted by "
+                          "network.unix_sockets (AF_UNIX only); no policy allows other families")
+    reserves = "fallocate" in allowed
+    allowed.discard("fallocate")  # mode 0 only: an argument rule, below
     flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
     explicit = set(expand(spec.allow + spec.deny))
     # In allow-list mode a denied name is simply not allowed: the default already notifies.
-    rules = allowed if spec.default == "kill" else denied
+    rules = allowed if spec.default == "kill" else denied | watched
     for name in sorted(rules):
         try:
             flt.add_rule(pyseccomp.ALLOW if name in allowed else notify, name)
@@ -149,7 +179,8 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
             if name in explicit:
                 raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
             # A group member this architecture does not have: nothing to filter.
-    _add_argument_rules(pyseccomp, flt, network, spec.default == "kill")
+    _add_argument_rules(pyseccomp, flt, network, spec.default == "kill", watched)
+    _bound_fallocate(pyseccomp, flt, spec.default == "kill", reserves)
     with tempfile.TemporaryFile() as out:
         flt.export_bpf(out)
         out.seek(0)
@@ -164,15 +195,19 @@ def _compile(spec: Seccomp, network: Network) -> CompiledFilter:
     return CompiledFilter(bpf, names)
 
 
-def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -> None:
+def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool,
+                        watched: frozenset[str]) -> None:
     """Rules that look at arguments.  In allow-list mode the default already kills, so only
-    the permitted forms are added (libseccomp refuses a rule that repeats the default)."""
+    the permitted forms are added (libseccomp refuses a rule that repeats the default); a
+    watched syscall keeps the default (notify) in every form."""
     arg, notify, allow = ps.Arg, ps.NOTIFY, ps.ALLOW
     if allow_list:
         if network.unix_sockets:
-            flt.add_rule(allow, "socket", arg(0, ps.EQ, _AF_UNIX))
-            flt.add_rule(allow, "socketpair")
-        flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
+            for name, args in (("socket", [arg(0, ps.EQ, _AF_UNIX)]), ("socketpair", [])):
+                if name not in watched:
+                    flt.add_rule(allow, name, *args)
+        if "clone" not in watched:
+            flt.add_rule(allow, "clone", arg(0, ps.MASKED_EQ, sum(_NAMESPACE_FLAGS), 0))
         flt.add_rule(allow, "prlimit64", arg(0, ps.EQ, 0))
         for request in _SAFE_IOCTLS:  # the kernel reads the request as 32 bits
             flt.add_rule(allow, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
@@ -187,7 +222,7 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
         # Socket buffers stay at the system's default size (net.core.wmem_default): raised to
         # net.core.wmem_max, a socket queues more kernel memory, which only a cgroup counts.
         # Refused as the kernel refuses the FORCE variants without privilege: EPERM.
-        for option in _BUFFER_OPTIONS:
+        for option in _BUFFER_OPTIONS if "setsockopt" not in watched else ():
             flt.add_rule(ps.ERRNO(_EPERM), "setsockopt", arg(1, ps.EQ, _SOL_SOCKET),
                          arg(2, ps.EQ, option))
         # The compartment's init has the agent's uid, so prlimit64 could lower its hard CPU
@@ -200,6 +235,21 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool) -
     # the address space RLIMIT_AS bounds: refused too, as not supported, which callers expect.
     for name in _UNSUPPORTED:
         flt.add_rule(ps.ERRNO(_ENOSYS), name)
+
+
+def _bound_fallocate(ps: Any, flt: Any, allow_list: bool, allowed: bool) -> None:
+    """fallocate(2) with a mode (FALLOC_FL_KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, COLLAPSE_RANGE,
+    INSERT_RANGE...) reserves or moves blocks without growing the file's size, which is all
+    RLIMIT_FSIZE looks at: one file of size 0 could hold the whole disk.  It fails as a
+    filesystem that cannot do it answers (EOPNOTSUPP); mode 0, posix_fallocate's, grows the
+    size and so meets limits.file_bytes.  The mode is an int: a value the kernel reads as 0
+    but with high bits set is refused too, which costs nothing.  Denied outright by the policy,
+    the unconditional rule added before wins (libseccomp keeps it)."""
+    if allow_list and not allowed:
+        return  # not allowed at all: the default stops every form
+    if allowed:
+        flt.add_rule(ps.ALLOW, "fallocate", ps.Arg(1, ps.EQ, 0))
+    flt.add_rule(ps.ERRNO(_EOPNOTSUPP), "fallocate", ps.Arg(1, ps.NE, 0))
 
 
 def _deny_set_id_modes(ps: Any, flt: Any) -> None:
@@ -217,37 +267,16 @@ def _deny_set_id_modes(ps: Any, flt: Any) -> None:
                              ps.Arg(flags + 1, ps.MASKED_EQ, bit, bit))
 
 
-def _cache_dir() -> str | None:
-    if os.geteuid() == 0:
-        path = "/var/cache/compartment/seccomp"
-    else:
-        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                ".cache")
-        path = os.path.join(home, "compartment", "seccomp")
+def _cache_name(key: str) -> str:
+    return f"{zlib.crc32(key.encode()):08x}.json"
+
+
+def _read_cache(key: str) -> CompiledFilter | None:
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        info = os.stat(path)
-    except OSError:
-        return None  # no cache: compile every time, slower but the same filter
-    # A cache others can write could hand us a weaker filter: use it only if it is ours alone.
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        return None
-    return path
-
-
-def _cache_file(cache: str, key: str) -> str:
-    return os.path.join(cache, f"{zlib.crc32(key.encode()):08x}.json")
-
-
-def _read_cache(cache: str, key: str) -> CompiledFilter | None:
-    try:
-        fd = os.open(_cache_file(cache, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+        fd = paths.open_trusted(os.path.join(CACHE_DIR, _cache_name(key)))
+    except paths.PathError:
+        return None  # none yet, or not root's alone: compile (root then replaces it)
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-            return None
         try:
             data = json.loads(file.read())
             if data["key"] != key:
@@ -258,14 +287,38 @@ def _read_cache(cache: str, key: str) -> CompiledFilter | None:
             return None  # a torn or foreign file: recompile and replace it
 
 
-def _write_cache(cache: str, key: str, compiled: CompiledFilter) -> None:
-    import tempfile  # only on a miss
-
+def _write_cache(key: str, compiled: CompiledFilter) -> None:
+    """Root only: a new file beside the old, renamed over it, in a directory root keeps to
+    itself and lets everyone read."""
     text = json.dumps({"key": key, "bpf": compiled.bpf.hex(), "names": compiled.names})
     try:
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.rename(tmp, _cache_file(cache, key))
-    except OSError:
+        directory = _cache_directory()
+        try:
+            aside = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
+                         dir_fd=directory)
+            with os.fdopen(fd, "w") as file:
+                os.fchmod(fd, 0o644)  # whatever the umask: unprivileged callers read it
+                file.write(text)
+            os.rename(aside, _cache_name(key), src_dir_fd=directory, dst_dir_fd=directory)
+        finally:
+            os.close(directory)
+    except (OSError, paths.PathError):
         return  # the cache is an optimisation; the compiled filter is used either way
+
+
+def _cache_directory() -> int:
+    """The cache directory, made if missing, root's and readable by all, as a descriptor."""
+    parent = os.path.dirname(CACHE_DIR)
+    for path in (parent, CACHE_DIR):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+        fd = paths.open_trusted(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fchmod(fd, 0o755)  # an older version made it 0700: readable by root alone
+        except OSError:
+            os.close(fd)
+            raise
+        if path == parent:
+            os.close(fd)
+    return fd

@@ -21,8 +21,9 @@ _NUMBERS: dict[str, dict[str, int]] = {
 if _MACHINE not in _NUMBERS:
     raise ImportError(f"compartment supports x86_64 and aarch64, not {_MACHINE}")
 # Numbers from 403 up are the same on every architecture.
-NR = _NUMBERS[_MACHINE] | {"pidfd_send_signal": 424, "clone3": 435, "close_range": 436,
-                           "landlock_create_ruleset": 444, "landlock_restrict_self": 446}
+NR = _NUMBERS[_MACHINE] | {"pidfd_send_signal": 424, "open_tree": 428, "move_mount": 429,
+                           "clone3": 435, "close_range": 436, "landlock_create_ruleset": 444,
+                           "landlock_restrict_self": 446}
 
 # clone(2) namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -48,12 +49,23 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MS_RELATIME = 0x200000
 MNT_DETACH = 0x2
+# open_tree(2) and move_mount(2) (linux/mount.h, linux/fcntl.h).
+OPEN_TREE_CLONE = 0x1
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 # seccomp(2) (linux/seccomp.h).
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif), 80 bytes
 SECCOMP_NOTIF_SIZE = 80
+# For `compartment learn` only (its listener answers instead of killing; Linux 5.5 for CONTINUE):
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp), 24 bytes
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_RET_ACTION_FULL = 0xFFFF0000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 CLOSE_RANGE_CLOEXEC = 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -118,6 +130,19 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 
 def umount2(target: str, flags: int) -> None:
     _check(_umount2(target.encode(), flags), "umount2", target)
+
+
+def clone_tree(fd: int) -> int:
+    """A detached copy of the mount of what `fd` names (open_tree OPEN_TREE_CLONE, not
+    recursive): a bind mount waiting to be attached, in whichever mount namespace attaches it."""
+    return _raw("open_tree", ctypes.c_int(fd), b"", ctypes.c_uint(
+        OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH), detail=f"descriptor {fd}")
+
+
+def attach_tree(tree: int, target: str) -> None:
+    """Attach a detached mount (clone_tree) at `target` in the caller's mount namespace."""
+    _raw("move_mount", ctypes.c_int(tree), b"", ctypes.c_int(-100), target.encode(),
+         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH), detail=target)  # -100: AT_FDCWD
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

@@ -8,6 +8,10 @@ Supervisor side, one thread, one poll() loop over descriptors only:
 - the seccomp listener: a notification is a denied syscall; its number is all we read;
 - the agent's stdout, spliced to the caller's stdout in the kernel (the message is never held
   here), and its stderr, of which the first 4 KiB are kept for the caller and the rest counted.
+  A caller's stdout or stderr that cannot be written (closed when the command started, or
+  opened read-only) gets no pipe: the agent is handed /dev/null opened read-only there, so
+  its writes fail with EBADF as they would unconfined (and, unlike a closed number, no file
+  it opens lands there and takes what it meant for the caller).
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
 whole compartment is killed through the pidfd.  Under a cgroup the CPU time of the whole
 compartment is read at times planned from the budget left (it cannot be spent sooner than that
@@ -27,6 +31,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from compartment import cgroups, message, syscalls
 from compartment.confine.errors import RECORD, SetupError
@@ -44,16 +49,26 @@ _CPU_CHECK_MIN_S = 0.01  # near the end of the budget: the overshoot is at most 
 
 class Watch:
     def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
+                 learner: Callable[[int, bytes], None] | None = None,
                  cgroup: cgroups.Cgroup | None = None) -> None:
         self.limits, self.names, self.cgroup = limits, names, cgroup
+        # `compartment learn` only (compartment.learn.listener): it records and answers each
+        # notification itself, and nothing is killed for one.  None on every delivery path.
+        self.learner = learner
         self.caller_out = fds[1]
+        writable = _writable(fds[1]), _writable(fds[2])
         # Postfix and qmail give the command one pipe for stdout and stderr: then all the
         # agent writes is diagnostics, kept (bounded) so our reason line can come first.
-        self.merged = _same_file(fds[1], fds[2])
-        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
-        self.err_r, self.err_w = (-1, -1) if self.merged else os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # over the per-user pipe budget: slower, not wrong
-            fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self.merged = all(writable) and _same_file(fds[1], fds[2])
+        self.out_r, self.out_w = _pipe(writable[0])
+        self.err_r, self.err_w = _pipe(writable[1] and not self.merged)
+        # Handed to the agent where the caller cannot be written: writes fail with EBADF.
+        self.unwritable = -1
+        if not all(writable):
+            self.unwritable = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        if self.out_w >= 0:
+            with contextlib.suppress(OSError):  # over the per-user pipe budget: slower
+                fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.pid = self.pidfd = self.listener = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
@@ -72,8 +87,9 @@ class Watch:
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
 
     def agent_ends(self) -> list[tuple[int, int]]:
-        err = self.out_w if self.merged else self.err_w
-        return [(1, self.out_w), (2, err)]
+        out = self.out_w if self.out_w >= 0 else self.unwritable
+        err = self.out_w if self.merged else self.err_w if self.err_w >= 0 else self.unwritable
+        return [(1, out), (2, err)]
 
     def start(self, pid: int, status: socket.socket) -> None:
         self.started = time.monotonic()
@@ -90,15 +106,20 @@ class Watch:
 
     def run(self) -> None:
         poller = select.poll()
-        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status,
-                    self.out_r: self._on_stdout if not self.merged else self._on_diagnostics}
-        if not self.merged:
+        handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status}
+        if self.out_r >= 0:
+            handlers[self.out_r] = self._on_stdout if not self.merged else self._on_diagnostics
+        if self.err_r >= 0:
             handlers[self.err_r] = self._on_diagnostics
+        oom_fd = self.cgroup.watch_oom() if self.cgroup else -1
+        if oom_fd >= 0:
+            handlers[oom_fd] = self._on_out_of_memory
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         listening = False
-        # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
-        while set(handlers) - {self.listener}:
+        # Once the agent is reaped and its pipes are drained, the listener (and the cgroup's
+        # memory) have nothing to say.
+        while set(handlers) - {self.listener, oom_fd}:
             for fd, events in poller.poll(self._poll_ms()):
                 # On the listener, POLLHUP without POLLIN: no task uses the filter any more.
                 hung_up = fd == self.listener and not events & select.POLLIN
@@ -114,6 +135,11 @@ class Watch:
             running = self.killed_for is None and self.rusage is None
             if running and time.monotonic() >= self.cpu_check_at:
                 self._check_cpu()
+
+    def _on_out_of_memory(self) -> bool:
+        """cgroup v1: the compartment ran out of memory; it ends whole, as on v2."""
+        self.kill(Outcome.MEMORY_LIMIT)
+        return False
 
     def _check_cpu(self) -> None:
         left_s = self.limits.cpu_seconds - self.cgroup.cpu_seconds()
@@ -165,6 +191,9 @@ class Watch:
         except OSError as err:
             # ENOENT: the task died before we read its notification; there may be others.
             return err.errno == errno.ENOENT
+        if self.learner is not None:
+            self.learner(self.listener, bytes(notification))
+            return True
         (number,) = struct.unpack_from("=i", notification, 16)  # seccomp_data.nr
         if self.denied_syscall is None:
             self.denied_syscall = self.names.get(number, f"syscall {number}")
@@ -194,6 +223,8 @@ class Watch:
                     return 0  # what the agent still writes is not delivered: the run failed
             except OSError as err:
                 if err.errno != errno.EINVAL:  # EINVAL: a destination splice cannot write to
+                    if not _pending(self.out_r):
+                        return 0  # the agent's end of file, which splice reports as the error
                     raise
                 self._splice = False
         data = os.read(self.out_r, count)
@@ -241,10 +272,12 @@ class Watch:
         return False
 
     def close(self) -> None:
-        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener):
+        for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
+                   self.unwritable):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
+        self.unwritable = -1
         if self.status is not None:
             self.status.close()
         if self.rusage is None and self.pid > 0:
@@ -254,6 +287,24 @@ class Watch:
             except ProcessLookupError:
                 return
             os.waitpid(self.pid, 0)
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    import termios  # only on an error path: it costs half a millisecond to import
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+def _pipe(wanted: bool) -> tuple[int, int]:
+    return os.pipe2(os.O_CLOEXEC) if wanted else (-1, -1)
+
+
+def _writable(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return False  # not open: nothing can be written there
 
 
 def _same_file(a: int, b: int) -> bool:

@@ -164,6 +164,25 @@ def test_memory_bomb_ends_as_memory_limit(bomb, overrides):
     assert drop < 256 * MiB  # the bomb wanted 512 MiB to 1 GiB; other tests share the host
 
 
+OOM_IN_A_CHILD = """import os, time
+if os.fork() == 0:
+    held = []
+    while len(held) < 1024:
+        held.append(b"c" * (1 << 20))
+    os._exit(0)
+time.sleep(60)  # the agent itself needs little, and would wait
+"""
+
+
+def test_one_process_out_of_memory_ends_the_whole_compartment():
+    """The OOM killer picks one process; the compartment ends whole, there and then (v2:
+    memory.oom.group; v1: the supervisor, told through cgroup.event_control)."""
+    ran = run_agent([PYTHON, "-I", "-c", OOM_IN_A_CHILD],
+                    overrides={"limits.memory_bytes": "64M", "limits.wall_timeout_s": "30"})
+    assert ran.result.outcome is Outcome.MEMORY_LIMIT, ran.result
+    assert ran.result.wall_s < 10
+
+
 PAGE_CACHE = """import sys
 block = b"p" * (1 << 20)
 for n in range(8):        # 256 MiB of files in the mail directory
@@ -197,7 +216,8 @@ def test_page_cache_is_charged_and_held_at_the_limit(tmp_path):
 
 # --- processes --------------------------------------------------------------------------------
 
-FORK_BOMB = """import os, time
+FORK_BOMB = """import os
+alive_r, alive_w = os.pipe()  # the children last as long as the agent
 made = 0
 while made < 1000:
     try:
@@ -205,7 +225,8 @@ while made < 1000:
     except OSError:
         break
     if pid == 0:
-        time.sleep(60)
+        os.close(alive_w)
+        os.read(alive_r, 1)
         os._exit(0)
     made += 1
 print(made)

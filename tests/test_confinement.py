@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from agentrun import PROBE, PYTHON, probe, run_agent
 
-from compartment import Outcome, syscalls
+from compartment import Outcome, Policy, run, syscalls
 from compartment.confine import namespaces, scope
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement tests run as root "
@@ -404,3 +404,171 @@ def test_seccomp_refuses_memory_outside_the_address_space_limit(code):
     ran = run_agent([PYTHON, "-I", "-c", code])
     assert ran.result.agent_status == 1
     assert b"OSError: [Errno 38]" in ran.stderr  # ENOSYS
+
+
+def test_seccomp_refuses_fallocate_that_reserves_blocks_beyond_the_size(tmp_path):
+    """FALLOC_FL_KEEP_SIZE reserves blocks without growing st_size, the one thing
+    RLIMIT_FSIZE bounds: a file of size 0 held 256 MiB of the mail directory's disk."""
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    ran = probe("reserve", f"{tmp_path}/reserved", policy="deliver",
+                overrides={"filesystem.writable": str(tmp_path),
+                           "exit.require_full_read": "false"})
+    assert ran.json() == {"errno": 95, "blocks": 0, "size": 0}, ran.stderr  # EOPNOTSUPP
+    assert (tmp_path / "reserved").stat().st_blocks == 0
+    # the same on a private copy of the message, which the agent may write
+    ran = probe("reserve", "-", message=b"a message\n", overrides={"message.stdin": "file"})
+    assert ran.json()["errno"] == 95 and ran.json()["size"] == 10
+    assert ran.json()["blocks"] * 512 < 1 << 20
+
+
+def test_fallocate_that_grows_the_file_meets_the_file_size_limit(tmp_path):
+    """Mode 0 (posix_fallocate) grows st_size, so limits.file_bytes applies to it."""
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    code = (f"import os; fd = os.open({str(tmp_path)!r} + '/grown', os.O_RDWR | os.O_CREAT); "
+            "os.posix_fallocate(fd, 0, 256 << 20)")
+    ran = run_agent([PYTHON, "-I", "-c", code], "deliver",
+                    overrides={"filesystem.writable": str(tmp_path), "limits.file_bytes": "1M",
+                               "exit.require_full_read": "false"})
+    assert b"OSError: [Errno 27]" in ran.stderr  # EFBIG (Python ignores SIGXFSZ)
+    assert (tmp_path / "grown").stat().st_blocks * 512 <= 1 << 20
+
+
+def test_allow_list_that_allows_fallocate_still_refuses_its_modes(static_reserve):
+    """An allow-list policy that names fallocate gets mode 0 only."""
+    overrides = {"seccomp.allow": "fallocate", "message.stdin": "file", "limits.file_bytes": "1M"}
+    ran = run_agent([static_reserve], "strict", b"message\n", overrides)
+    assert ran.stdout == b"95 0\n", ran.stderr  # KEEP_SIZE: EOPNOTSUPP; mode 0: done
+    assert run_agent([static_reserve], "strict", b"m\n",
+                     {"message.stdin": "file"}).result.denied_syscall == "fallocate"
+
+
+STDIN_WRITER = """import os
+try:
+    os.write(0, b"AGENT-WROTE"); said = "wrote"
+except OSError as err:
+    said = f"refused {err.errno}"
+data = b""
+while chunk := os.read(0, 65536):
+    data += chunk
+print(said, len(data))
+"""
+TYPED = b"a message typed on a terminal\n"
+
+
+def _stdin_of_each_kind(kind: str, tmp_path: Path):
+    """(the agent's stdin, what the caller sees afterwards, the stdout if not a file)."""
+    if kind == "terminal":
+        controller, terminal = os.openpty()
+        os.write(controller, TYPED + b"\x04")  # a line, then end-of-file
+        os.set_blocking(controller, False)
+        return terminal, lambda: _drain(controller), (terminal, controller)
+    if kind == "file":
+        (tmp_path / "msg").write_bytes(TYPED)
+        fd = os.open(tmp_path / "msg", os.O_RDWR)
+        return fd, lambda: (tmp_path / "msg").read_bytes() + b"@%d" % os.lseek(fd, 0, 1), (fd,)
+    if kind == "pipe":
+        read_end, write_end = os.pipe()
+        os.write(write_end, TYPED)
+        os.close(write_end)
+        return read_end, lambda: b"", (read_end,)
+    ours, theirs = socket.socketpair()
+    ours.sendall(TYPED)
+    ours.shutdown(socket.SHUT_WR)
+    ours.setblocking(False)
+    return theirs.fileno(), lambda: _drain(ours.fileno()), (ours, theirs)
+
+
+def _drain(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EAGAIN, or EIO from a terminal whose other side is closed
+        return b""
+
+
+@pytest.mark.parametrize("kind", ["terminal", "file", "socket", "pipe"])
+def test_stdin_is_read_only_whatever_the_caller_gave(kind, tmp_path):
+    """The agent's fd 0 is for reading: nothing it writes there reaches the other side."""
+    stdin, other_side, keep = _stdin_of_each_kind(kind, tmp_path)
+    try:
+        with open(tmp_path / "out", "w+b") as out, open(tmp_path / "err", "w+b") as err:
+            result = run([PYTHON, "-I", "-c", STDIN_WRITER], Policy.load("filter"), stdin=stdin,
+                         stdout=out, stderr=err)
+            out.seek(0)
+            said = out.read()
+        seen = other_side()
+    finally:
+        for item in keep:
+            item.close() if isinstance(item, socket.socket) else os.close(item)
+    assert result.outcome is Outcome.OK, result.reason
+    # EBADF from a read-only description; EPIPE from a socket shut down for writing
+    assert said in (b"refused 9 %d\n" % len(TYPED), b"refused 32 %d\n" % len(TYPED)), said
+    assert b"AGENT-WROTE" not in seen
+    if kind == "file":  # unchanged, and the caller's offset where the agent stopped
+        assert seen == TYPED + b"@%d" % len(TYPED)
+
+
+@pytest.mark.parametrize("kind", ["file", "socket", "pipe"])
+def test_require_full_read_holds_on_a_read_only_stdin(kind, tmp_path):
+    policy = Policy.load("filter", {"exit.require_full_read": "true"})
+    for agent, expected in ((["/bin/true"], Outcome.AGENT_FAILED), (["/bin/cat"], Outcome.OK)):
+        stdin, _, keep = _stdin_of_each_kind(kind, tmp_path)
+        try:
+            with open(os.devnull, "wb") as sink:
+                result = run(agent, policy, stdin=stdin, stdout=sink, stderr=sink)
+        finally:
+            for item in keep:
+                item.close() if isinstance(item, socket.socket) else os.close(item)
+        assert result.outcome is expected, (agent, result.reason)
+        if kind == "file":
+            assert result.bytes_in == (0 if expected is Outcome.AGENT_FAILED else len(TYPED))
+
+
+def test_socket_that_is_also_stdout_is_copied_read_only(tmp_path):
+    """A socket cannot be reopened, and shutting its write direction would cut the agent's
+    output: the message is copied into a sealed read-only memfd instead."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs, open(tmp_path / "err", "w+b") as err:
+        ours.sendall(TYPED)
+        ours.shutdown(socket.SHUT_WR)
+        result = run([PYTHON, "-I", "-c", STDIN_WRITER], Policy.load("filter"), stdin=theirs,
+                     stdout=theirs, stderr=err)
+        theirs.shutdown(socket.SHUT_WR)
+        said = ours.recv(65536)
+    assert result.outcome is Outcome.OK, result.reason
+    assert said == b"refused 9 %d\n" % len(TYPED)
+
+
+def test_stdin_open_for_writing_only_is_no_message(tmp_path):
+    """Unconfined, reading it fails; reopened read-only it would show the agent a file the
+    caller never opened for reading."""
+    (tmp_path / "log").write_bytes(b"not a message\n")
+    fd = os.open(tmp_path / "log", os.O_WRONLY)
+    try:
+        with open(os.devnull, "wb") as sink:
+            result = run(["/bin/cat"], Policy.load("filter"), stdin=fd, stdout=sink, stderr=sink)
+    finally:
+        os.close(fd)
+    assert (result.outcome, result.exit_status) == (Outcome.CONFIG_ERROR, 75)
+    assert result.reason == "stdin is open for writing only: there is no message to read"
+
+
+def test_stdin_a_terminal_the_caller_cannot_reopen_is_refused_not_hung():
+    """Another user's terminal handed down (su, sudo -u): it cannot be opened again
+    read-only, and copying it would wait for an end that may never come."""
+    controller, terminal = os.openpty()  # root's, mode 620: nobody may not open it
+    script = ("import sys; from compartment import Policy, run;"
+              "r = run(['/bin/cat'], Policy.load('filter'));"
+              "print(r.reason, file=sys.stderr); sys.exit(r.exit_status)")
+    venv_python = Path(__import__("compartment").__file__).parent.parent / ".venv/bin/python"
+    try:
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 str(venv_python), "-c", script], stdin=terminal,
+                                capture_output=True, cwd="/", timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert result.returncode == 75
+    assert result.stderr.endswith(b"stdin cannot be opened again read-only (Permission denied); "
+                                  b"give the message on a pipe or in a file\n")

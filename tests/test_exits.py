@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -106,7 +108,7 @@ POLICY = Policy.load("filter", {"limits.cpu_seconds": "5"})
      Outcome.INTERNAL_ERROR),
 ])
 def test_wait_status_to_outcome(watch, cpu_s, outcome):
-    got, reason, code, signum = _outcome(watch, POLICY, cpu_s)
+    got, reason, code, signum = _outcome(watch, POLICY, cpu_s, S)
     assert got is outcome
     assert reason
     if outcome is Outcome.MEMORY_LIMIT:
@@ -118,4 +120,65 @@ def test_wait_status_to_outcome(watch, cpu_s, outcome):
 def test_init_without_the_agents_status_is_an_internal_error():
     watch = SimpleNamespace(wait_status=0, agent_wait_status=None, killed_for=None,
                             setup_error=None, denied_syscall=None, caller_error="", usage=None)
-    assert _outcome(watch, POLICY, 0.0)[0] is Outcome.INTERNAL_ERROR
+    assert _outcome(watch, POLICY, 0.0, S)[0] is Outcome.INTERNAL_ERROR
+
+
+@pytest.mark.parametrize("code, agent, outcome", [
+    (99, Q, Outcome.OK), (0, Q, Outcome.OK), (99, S, Outcome.AGENT_FAILED),
+    (100, Q, Outcome.AGENT_FAILED), (0, S, Outcome.OK)])
+def test_every_status_that_means_delivered_is_ok(code, agent, outcome):
+    assert _outcome(_watch(_wait_status(code)), POLICY, 0.0, agent)[:3] == \
+        (outcome, "delivered" if outcome is Outcome.OK else f"agent exited with status {code}",
+         code)
+
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="runs compartments as root (as CI does)")
+CLI = [sys.executable, "-m", "compartment", "run"]
+
+
+def _exit_with(code: int, *options: str, read: bool = True) -> subprocess.CompletedProcess:
+    script = ("cat >/dev/null; " if read else "") + f"exit {code}"
+    return subprocess.run([*CLI, *options, "--", "/bin/sh", "-c", script], input=b"m\n",
+                          capture_output=True, timeout=60, check=False)
+
+
+@AS_ROOT
+@pytest.mark.parametrize("code", [99, 100, 111, 0])
+def test_a_qmail_callers_agent_speaks_qmail(code):
+    """A .qmail line's verdicts reach qmail-local as they would without compartment."""
+    assert _exit_with(code, "--exit-codes", "qmail").returncode == code
+
+
+@AS_ROOT
+@pytest.mark.parametrize("code, expected", [(0, 0), (67, 67), (77, 77), (73, 75), (99, 75),
+                                            (100, 75), (1, 75)])
+def test_a_sysexits_callers_agent_speaks_sysexits(code, expected):
+    assert _exit_with(code).returncode == expected
+
+
+@AS_ROOT
+@pytest.mark.parametrize("options, code, expected", [
+    (["--exit-codes", "qmail", "--set", "exit.agent_codes=sysexits"], 65, 100),
+    (["--exit-codes", "qmail", "--agent-exit-codes", "sysexits"], 75, 111),
+    (["--set", "exit.agent_codes=qmail"], 99, 0),
+    (["--agent-exit-codes", "qmail"], 100, 77),
+    # the flag wins over the policy, "caller" included
+    (["--exit-codes", "qmail", "--set", "exit.agent_codes=sysexits", "--agent-exit-codes",
+      "caller"], 99, 99),
+    (["--set", "exit.agent_codes=sysexits", "--agent-exit-codes", "qmail"], 99, 0),
+])
+def test_a_named_convention_is_translated(options, code, expected):
+    assert _exit_with(code, *options).returncode == expected
+
+
+@AS_ROOT
+@pytest.mark.parametrize("options, delivered, kept", [(["--exit-codes", "qmail"], 99, 111),
+                                                      (["--agent-exit-codes", "qmail"], 0, 75)])
+def test_require_full_read_applies_to_a_qmail_99(options, delivered, kept):
+    """99 is "delivered, stop" to qmail: an agent that says it without reading the message
+    must not have the MTA record a delivery."""
+    full_read = ["--set", "exit.require_full_read=true"]
+    assert _exit_with(99, *options, *full_read).returncode == delivered
+    unread = _exit_with(99, *options, *full_read, read=False)
+    assert unread.returncode == kept
+    assert b"compartment: agent exited 99 without reading the whole message" in unread.stderr

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from agentrun import PYTHON, run_agent
+from agentrun import PROBE, PYTHON, run_agent
 
 from compartment import Outcome, Policy
 from compartment.filtering import filter_message
@@ -114,3 +114,24 @@ def test_oversized_message_is_refused_with_a_reason():
                     overrides={"message.stdin": "memfd", "message.max_bytes": "4K"})
     assert ran.result.outcome is Outcome.CONFIG_ERROR and ran.result.exit_status == 75
     assert "larger than message.max_bytes (4096)" in ran.result.reason
+
+
+def test_file_mode_copy_is_memory_bounded_by_the_file_size_limit():
+    """The private copy the agent may edit is a memfd: nothing of it lands on the host's
+    /var/tmp, and its growth is bounded by limits.file_bytes like any file the agent writes."""
+    ran = run_agent([PYTHON, "-I", "-c", PROBE, "stdin"], message=MESSAGE,
+                    overrides={"message.stdin": "file"})
+    seen = ran.json()
+    assert seen["access"] == os.O_RDWR and seen["size"] == len(MESSAGE)
+    assert seen["dev"] != os.stat("/var/tmp").st_dev
+    ran = run_agent([PYTHON, "-I", "-c", PROBE, "grow", str(2 << 20)], message=MESSAGE,
+                    overrides={"message.stdin": "file", "limits.file_bytes": "1M"})
+    assert ran.json() == {"ok": False, "errno": 27}  # EFBIG
+
+
+def test_output_a_child_writes_after_the_agent_exited_is_kept_whole():
+    """The filter exits 0 and leaves the second half of the new message to a child: the run
+    is over when the compartment is empty, so the message is handed on whole, as unconfined."""
+    script = "cat > /tmp/m; head -c 10 /tmp/m; (sleep 0.3; tail -c +11 /tmp/m) & exit 0"
+    done = filt(["--", "/bin/sh", "-c", script])
+    assert (done.returncode, done.stdout) == (0, MESSAGE), done.stderr

@@ -91,7 +91,7 @@ def test_error_names_file_key_and_form(tmp_path, text, message):
 
 @pytest.mark.parametrize("source, overrides, message", [
     ("/nonexistent/policy.toml", (), "cannot read policy"),
-    ("no-such-policy", (), "no shipped policy named 'no-such-policy'"),
+    ("no-such-policy", (), "no policy named 'no-such-policy'"),
     ("Bad Name!", (), "not a policy name or a path"),
     ("filter", ["limits.cpu_seconds"], "expected KEY=VALUE"),
     ("filter", ["cpu_seconds=3"], "expected SECTION.KEY"),
@@ -117,6 +117,8 @@ def test_override_into_a_non_table(tmp_path):
     ({"seccomp.deny": "@nonsense"}, "unknown group '@nonsense'"),
     ({"seccomp.deny": "no_such_syscall"}, "cannot filter 'no_such_syscall'"),
     ({"seccomp.default": "kill", "seccomp.allow": "ptrace"}, "'ptrace' is in the built-in"),
+    # allowed by name, socket() would take every family, AF_INET included
+    ({"seccomp.default": "kill", "seccomp.allow": "socket"}, "'socket' is granted by network"),
 ])
 def test_filter_errors(overrides, message):
     policy = Policy.load("filter", overrides)

@@ -114,7 +114,8 @@ def test_killed_by_a_signal_is_temporary():
 def test_missing_and_unexecutable_programs_are_configuration_errors(tmp_path):
     missing = run_agent(["/nonexistent/agent"])
     assert missing.result.outcome is Outcome.CONFIG_ERROR and missing.result.exit_status == 75
-    assert b"program /nonexistent/agent: No such file or directory" in missing.stderr
+    assert b"program /nonexistent/agent: /nonexistent: No such file or directory" in \
+        missing.stderr
     plain = tmp_path / "agent"
     plain.write_text("#!/bin/sh\n")
     not_exec = run_agent([str(plain)])
@@ -151,7 +152,8 @@ def test_report_line_has_every_field(tmp_path):
 def test_unwritable_report_does_not_change_the_outcome(tmp_path):
     ran = run_agent(["/bin/cat"], message=b"hi\n", report="/nonexistent/dir/report.jsonl")
     assert ran.result.outcome is Outcome.OK and ran.result.exit_status == 0
-    assert b"compartment: report /nonexistent/dir/report.jsonl: No such file" in ran.stderr
+    assert b"compartment: report /nonexistent/dir/report.jsonl: /nonexistent: No such file" \
+        in ran.stderr
 
 
 def test_uid_pool_gives_concurrent_compartments_distinct_uids():
@@ -201,12 +203,25 @@ def test_cli_check_and_policies():
                          [("sysexits", 75, "4.3.5 "), ("qmail", 111, "")])
 def test_cli_internal_error_is_a_temporary_failure(convention, status, prefix):
     # A bug of ours must not exit 1, which Postfix and Exim take as a bounce.
-    crash = ("import compartment.cli as cli; cli.main = lambda: 1 // 0; cli.command()")
+    crash = ("import compartment.cli as cli; cli.main = lambda *_: 1 // 0; cli.command()")
     result = subprocess.run([sys.executable, "-I", "-c", crash, "run", "--exit-codes", convention,
                              "--", "/bin/true"], capture_output=True, text=True)
     assert result.returncode == status
     assert result.stderr == (f"{prefix}compartment: internal error: ZeroDivisionError: "
                              "integer division or modulo by zero\n")
+
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt()", "MemoryError()", "SystemExit(0)",
+                                    "SystemExit('bye')"])
+def test_cli_any_exception_at_all_is_a_temporary_failure(raised):
+    """BaseException too: a stray SystemExit(0) would be a success nobody delivered."""
+    crash = ("import compartment.cli as cli\ndef main(*_):\n    raise " + raised +
+             "\ncli.main = main; cli.command()")
+    result = subprocess.run([sys.executable, "-I", "-c", crash, "run", "--", "/bin/true"],
+                            capture_output=True, text=True)
+    assert result.returncode == 75
+    assert result.stderr.startswith("4.3.5 compartment: internal error: ")
+    assert result.stderr.count("\n") == 1
 
 
 def test_cli_run_bad_policy_is_a_temporary_failure_with_a_reason():
@@ -311,3 +326,130 @@ def test_output_through_a_slow_pipe_arrives_whole():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == message
+
+
+def test_delivery_left_to_a_child_is_finished(tmp_path):
+    """An agent that exits 0 and leaves the write to a background child: delivered, as it would
+    be unconfined, not cut off by the end of the compartment."""
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    os.chown(maildir, 65534, 65534)
+    script = 'cat > /tmp/m; (sleep 0.3; cp /tmp/m "$0/delivered") >/dev/null 2>&1 & exit 0'
+    ran = run_agent(["/bin/sh", "-c", script, str(maildir)], "deliver", b"a message\n",
+                    {"filesystem.writable": str(maildir)})
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.OK, 0), ran.stderr
+    assert (maildir / "delivered").read_bytes() == b"a message\n"
+
+
+def test_child_still_busy_at_the_deadline_is_a_timeout():
+    """The agent exited 0, but its compartment was not done: never a success."""
+    script = "cat >/dev/null; sleep 60 </dev/null >/dev/null 2>&1 & exit 0"
+    ran = run_agent(["/bin/sh", "-c", script], message=b"m\n",
+                    overrides={"limits.wall_timeout_s": "0.5"})
+    assert (ran.result.outcome, ran.result.exit_status) == (Outcome.TIMEOUT, 75)
+    assert ran.result.agent_status == 0
+    assert ran.stderr == (b"4.4.7 compartment: timed out after 0.5 s (the agent had exited 0; "
+                          b"a process it left was still running)\n")
+
+
+# --- every way out of the installed command is a contract status -------------------------
+
+COMMAND = str(Path(sys.executable).parent / "compartment")
+DELIVERS = ["/bin/sh", "-c", "cat >/dev/null"]  # reads the message, writes nothing
+WRITES = ["/bin/cat"]  # writes the message back out
+# redirection -> (run: delivers, writes; filter: delivers, writes) as (status, our reason)
+STDIO_CASES = {
+    "<&-": [(75, "stdin is closed: there is no message")] * 4,
+    ">&-": [(0, None), (75, None),  # cat's own write error, its exit 1 translated
+            (75, "the filter wrote an empty message"),
+            (75, "stdout: cannot copy the message: Bad file descriptor")],
+    "2>&-": [(0, None), (0, None), (75, None), (0, None)],
+    ">/dev/full": [(0, None), (75, "cannot write the agent's output: No space left on device"),
+                   (75, "the filter wrote an empty message"),
+                   (75, "stdout: cannot copy the message: No space left on device")],
+    "broken-pipe": [(0, None), (75, "cannot write the agent's output: Broken pipe"),
+                    (75, "the filter wrote an empty message"),
+                    (75, "stdout: cannot copy the message: Broken pipe")],
+}
+
+
+def _command_with(redirect: str, *args: str) -> subprocess.CompletedProcess:
+    """The installed command from a shell that closed or redirected one of its descriptors."""
+    read_end, stdout = os.pipe()
+    if redirect == "broken-pipe":
+        os.close(read_end)  # the reader is gone before anything is written
+    shell_redirect = "" if redirect == "broken-pipe" else redirect
+    try:
+        return subprocess.run(["/bin/sh", "-c", f'exec "$0" "$@" {shell_redirect}', COMMAND,
+                               *args], input=b"Subject: x\n\nbody\n", stdout=stdout,
+                              stderr=subprocess.PIPE, timeout=60, check=False)
+    finally:
+        os.close(stdout)
+        if redirect != "broken-pipe":
+            os.close(read_end)
+
+
+@pytest.mark.parametrize("redirect", list(STDIO_CASES))
+@pytest.mark.parametrize("index, command, agent", [(0, "run", DELIVERS), (1, "run", WRITES),
+                                                   (2, "filter", DELIVERS),
+                                                   (3, "filter", WRITES)],
+                         ids=["run-delivers", "run-writes", "filter-delivers", "filter-writes"])
+def test_command_exits_in_the_contract_whatever_its_descriptors(redirect, index, command,
+                                                                 agent):
+    status, reason = STDIO_CASES[redirect][index]
+    done = _command_with(redirect, command, "--", *agent)
+    assert done.returncode == status, done.stderr
+    assert b"Traceback" not in done.stderr
+    ours = [line for line in done.stderr.splitlines() if b"compartment:" in line]
+    if redirect == "2>&-":
+        assert done.stderr == b""  # closed: nothing to read, and nothing broke for it
+    elif reason:
+        assert ours == [f"4.3.{'5' if 'stdin' in reason else '0'} compartment: "
+                        f"{reason}".encode()], done.stderr
+    else:
+        assert ours == [], done.stderr
+
+
+@pytest.mark.parametrize("redirect", ["<&-", ">&-", ">/dev/full"])
+def test_command_speaks_qmail_whatever_its_descriptors(redirect):
+    done = _command_with(redirect, "filter", "--exit-codes", "qmail", "--", *DELIVERS)
+    assert done.returncode == 111, done.stderr
+    assert b"Traceback" not in done.stderr and done.stderr.startswith(b"compartment: ")
+
+
+@pytest.mark.parametrize("args, status", [
+    (["run", "--help", "--", "/bin/touch", "{marker}"], 75),
+    (["run", "-h"], 75), (["run", "--exit-codes", "qmail", "--help"], 111),
+    (["filter", "--help", "--", "/bin/touch", "{marker}"], 75),
+    (["--help"], 0), (["check", "--help"], 0), (["policies", "--help"], 0)])
+def test_help_on_a_delivery_command_is_not_a_delivery(tmp_path, args, status):
+    """An MTA that runs `compartment run --help -- PROGRAM` must not record a delivery."""
+    marker = tmp_path / "ran"
+    done = subprocess.run([COMMAND, *(a.format(marker=marker) for a in args)],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert done.returncode == status and not marker.exists()
+    if status:  # the help on stderr, after the one reason line MTAs read
+        assert done.stdout == b"" and b"usage: compartment" in done.stderr
+        assert done.stderr.split(b"\n")[0].endswith(b"help requested; nothing was run")
+    else:
+        assert b"usage: compartment" in done.stdout
+
+
+@pytest.mark.parametrize("python, said", [
+    ("/usr/bin/python3", b"compartment: cannot start: ModuleNotFoundError: No module named "
+                         b"'compartment'"),
+    (None, b"compartment: cannot run {dir}/python: the installation is broken")])
+@pytest.mark.parametrize("convention, status, prefix", [("sysexits", 75, b"4.3.5 "),
+                                                        ("qmail", 111, b"")])
+def test_broken_installation_is_a_temporary_failure(tmp_path, python, said, convention, status,
+                                                    prefix):
+    """The command's shell and its guarded import: no 1 or 127 for a broken install."""
+    (tmp_path / "compartment").write_bytes(Path(COMMAND).read_bytes())
+    (tmp_path / "compartment").chmod(0o755)
+    if python:
+        (tmp_path / "python").symlink_to(python)  # an interpreter without the package
+    done = subprocess.run([str(tmp_path / "compartment"), "run", "--exit-codes", convention,
+                           "--", "/bin/true"], stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=60)
+    assert done.returncode == status
+    assert done.stderr == prefix + said.replace(b"{dir}", bytes(tmp_path)) + b"\n"

@@ -1,5 +1,13 @@
 """Filesystem: a new root built from nothing, then pivot_root into it.
 
+Parent side (`prepare`, root): the paths a policy names and the program were opened once by the
+supervisor (compartment.paths); each becomes a detached copy of its mount (open_tree), which the
+child attaches, so what is mounted is exactly what the decisions were made on.  An unprivileged
+supervisor cannot make detached mounts: its child opens the path again and refuses to go on
+unless it finds the very file (device and inode) the supervisor decided on.  A mount cannot be
+made from a descriptor of another mount namespace, or the child would mount the descriptor
+itself.
+
 Child side, in the new mount namespace, privileged, following the plan made in the parent
 (compartment.rootfs): stop mount propagation, open every source first (the staging tmpfs at
 /tmp would hide sources below /tmp), build the tree on a small tmpfs (small world-readable /etc
@@ -11,20 +19,38 @@ atime) in a user namespace, or the remount would fail.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from compartment import syscalls
-from compartment.confine.errors import fail
+from compartment.confine.errors import SetupError, fail
 from compartment.rootfs import Entry, Plan
 
 STEP = "filesystem"
 STAGE = "/tmp"
 
 
+def prepare(fs: Plan) -> tuple[Plan, list[int]]:
+    """Parent side, root: the plan with a detached mount for every named path to bind, and
+    those descriptors, for the supervisor to close once the child has its copies."""
+    trees: list[int] = []
+    entries = []
+    try:
+        for entry in fs.entries:
+            if entry.fd >= 0 and entry.kind in ("ro", "rw"):
+                trees.append(syscalls.clone_tree(entry.fd))
+                entry = replace(entry, fd=trees[-1], detached=True)
+            entries.append(entry)
+    except BaseException:
+        for tree in trees:
+            os.close(tree)
+        raise
+    return replace(fs, entries=tuple(entries)), trees
+
+
 def enter(fs: Plan) -> None:
     """Child side: build the root and pivot into it.  Needs CAP_SYS_ADMIN in the mount ns."""
     _mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-    sources = {e.source: _open_path(e.source, e.kind == "copy") for e in fs.entries
-               if e.kind != "symlink"}
+    sources = {e.source: _source(e) for e in fs.entries if e.kind != "symlink"}
     _mount("tmpfs", STAGE, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
            "size=8m,nr_inodes=4096,mode=0755")
     for path in fs.directories:
@@ -52,9 +78,15 @@ def _bind(entry: Entry, source_fd: int) -> None:
     target = STAGE + entry.target
     if not entry.directory:
         _call("mknod", target, os.mknod, target, 0o600)
-    # Bind through the O_PATH descriptor: the path opened in the parent's view is the one shown,
-    # even though the staging tmpfs now covers /tmp.
-    _mount(f"/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND)
+    if entry.detached:
+        try:
+            syscalls.attach_tree(source_fd, target)
+        except OSError as err:
+            raise fail(STEP, "move_mount", err, target) from None
+    else:
+        # Bind through the O_PATH descriptor: the path opened in the parent's view is the one
+        # shown, even though the staging tmpfs now covers /tmp.
+        _mount(f"/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND)
     os.close(source_fd)
     if entry.remount:
         _mount(None, target, None, entry.remount)
@@ -80,6 +112,23 @@ def _pivot() -> None:
     except OSError as err:
         raise fail(STEP, "pivot_root", err, STAGE) from None
     _call("chdir", "/", os.chdir, "/")
+
+
+def _source(entry: Entry) -> int:
+    """The descriptor to mount or copy from: the supervisor's own for a named path."""
+    if entry.fd < 0:
+        return _open_path(entry.source, entry.kind == "copy")
+    if entry.kind == "copy":  # an O_PATH descriptor cannot be read: open what it names
+        return _open_path(f"/proc/self/fd/{entry.fd}", True)
+    if entry.detached:
+        return entry.fd
+    # Unprivileged: the path again, accepted only if it is still what the supervisor decided on.
+    found = _open_path(entry.source)
+    info = os.fstat(found)
+    if (info.st_dev, info.st_ino) != entry.identity:
+        raise SetupError(STEP, "open", 0, f"{entry.source} was replaced after the supervisor "
+                         "checked it")
+    return found
 
 
 def _open_path(path: str, readable: bool = False) -> int:

@@ -6,9 +6,13 @@ and do, as one JSON object on stdout.  The tests decide; the probe only observes
     probe.py write PATH            try to create and write a file
     probe.py shmstat ID            look for a System V shared memory segment by id
     probe.py syscall NAME          make one forbidden call (socket, ptrace, unshare, mount...)
+    probe.py reserve PATH          fallocate 256 MiB with FALLOC_FL_KEEP_SIZE in PATH (-: stdin)
+    probe.py grow BYTES            write BYTES at the end of stdin
+    probe.py stdin                 what stdin is: device, access mode, size
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -89,6 +93,30 @@ def shmstat(segment):
     return segment
 
 
+def reserve(path):
+    """Blocks reserved without growing the size, which is all RLIMIT_FSIZE looks at."""
+    fd = 0 if path == "-" else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    failed = libc.fallocate(fd, 1, 0, 256 << 20) != 0  # FALLOC_FL_KEEP_SIZE
+    error = ctypes.get_errno() if failed else 0
+    info = os.fstat(fd)
+    return {"errno": error, "blocks": info.st_blocks, "size": info.st_size}
+
+
+def grow(count):
+    os.lseek(0, 0, os.SEEK_END)
+    written = 0
+    while written < count:
+        written += os.write(0, b"g" * (count - written))
+    return written
+
+
+def stdin():
+    info = os.fstat(0)
+    return {"dev": info.st_dev, "size": info.st_size,
+            "access": fcntl.fcntl(0, fcntl.F_GETFL) & os.O_ACCMODE}
+
+
 SYSCALLS = {
     "socket-inet": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).fileno(),
     "socket-unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).fileno(),
@@ -110,6 +138,12 @@ def main():
         result = attempt(lambda: write(sys.argv[2]))
     elif what == "shmstat":
         result = attempt(lambda: shmstat(int(sys.argv[2])))
+    elif what == "reserve":
+        result = reserve(sys.argv[2])
+    elif what == "grow":
+        result = attempt(lambda: grow(int(sys.argv[2])))
+    elif what == "stdin":
+        result = stdin()
     elif what == "syscall":
         result = attempt(SYSCALLS[sys.argv[2]])
     else:

@@ -108,7 +108,7 @@ def test_profile_is_valid_and_opens_with_its_command(name):
     policy = Policy.load(name, overrides)
     assert policy.description and not policy.environment.pass_
     assert len(compile_filter(policy.seccomp, policy.network).bpf) % 8 == 0
-    text = (REPO / "compartment" / "policies" / f"{name}.toml").read_text()
+    text = (REPO / "policies" / f"{name}.toml").read_text()
     assert text.startswith("# compartment ") and f" -p {name} " in text.splitlines()[0]
 
 

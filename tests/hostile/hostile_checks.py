@@ -70,6 +70,16 @@ def file_capabilities(run: CaseRun) -> list[str]:
     return found
 
 
+def reserved_blocks(run: CaseRun) -> list[str]:
+    """Disk held beyond limits.file_bytes: blocks on the host, or what the agent reported
+    holding in the message's copy (gone with the run, so only the agent can tell)."""
+    held = sum(p.lstat().st_blocks * 512 for p in run.mail.rglob("*") if p.is_file())
+    match = re.search(rb"RESERVED (\d+) bytes", run.seen.stdout)
+    held = max(held, int(match[1]) if match else 0)
+    return [f"held {held >> 20} MiB of disk beyond limits.file_bytes {SMALL_FILE >> 20} MiB "
+            f"(fallocate FALLOC_FL_KEEP_SIZE)"] if held > SMALL_FILE else []
+
+
 def total_written(run: CaseRun) -> list[str]:
     total = sum(p.lstat().st_size for p in run.mail.rglob("*") if p.is_file())
     if total > 16 * SMALL_FILE:

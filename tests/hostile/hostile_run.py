@@ -246,6 +246,8 @@ def _run_and_judge(case: Case, run: CaseRun) -> Verdict:
         case.prepare(run)
     tty_fds: tuple[int, int] | None = os.openpty() if case.stdin == "tty" else None
     run.extra["tty"] = tty_fds
+    if tty_fds and case.user == "nobody":  # a terminal is its user's own, as after a login
+        os.fchown(tty_fds[1], NOBODY, -1)
     stdin = tty_fds[1] if tty_fds else os.open(run.stdin_path, os.O_RDONLY)
     try:
         runner = run_cli if case.via == "cli" or case.user != "root" else run_api

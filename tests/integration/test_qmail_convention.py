@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from compartment.exits import Convention, Verdict, classify
+
 from .corpus import corpus, split_trace_headers
 from .mailsite import (
     AGENTS,
@@ -111,18 +113,28 @@ def test_envelope_and_seekable_stdin_reach_agent(home: Path) -> None:
 
 
 def test_qmail_agent_99_stops_processing(home: Path) -> None:
-    line = dot_qmail_line("exit_qmail_stop.py", "--agent-exit-codes", "qmail")
+    # A qmail caller's agent speaks qmail by default: its 99 reaches qmail-local unchanged.
+    line = dot_qmail_line("exit_qmail_stop.py")
     assert run_like_qmail_local(line, b"Subject: x\n\nbody\n", home).returncode == 99
 
 
 def test_permanent_failure_is_100(home: Path) -> None:
-    # The agent speaks sysexits (77, EX_NOPERM); qmail-local must read a hard failure: 100.
-    result = run_like_qmail_local(dot_qmail_line("exit_permanent.py"), b"Subject: x\n\nb\n", home)
+    # The agent speaks sysexits (77, EX_NOPERM), as the line says; qmail-local must read a
+    # hard failure: 100.
+    line = dot_qmail_line("exit_permanent.py", "--agent-exit-codes", "sysexits")
+    result = run_like_qmail_local(line, b"Subject: x\n\nb\n", home)
     assert result.returncode == 100, result.stderr
 
 
-@pytest.mark.parametrize("agent", ["sleeper.py", "socket_inet.py", "memory_hog.py"])
+@pytest.mark.parametrize("agent", ["sleeper.py", "socket_inet.py"])
 def test_runner_failure_is_111(home: Path, agent: str) -> None:
-    line = dot_qmail_line(agent, "--set", "limits.memory_bytes=256M")
-    result = run_like_qmail_local(line, b"Subject: x\n\nbody\n", home)
+    result = run_like_qmail_local(dot_qmail_line(agent), b"Subject: x\n\nbody\n", home)
     assert result.returncode == 111, result.stderr
+
+
+def test_memory_exhausted_is_temporary(home: Path) -> None:
+    # Without a memory cgroup, running out of RLIMIT_AS is the agent's own failure (Python's
+    # MemoryError, exit 1), which a qmail agent's caller reads as it is: temporary.
+    line = dot_qmail_line("memory_hog.py", "--set", "limits.memory_bytes=256M")
+    result = run_like_qmail_local(line, b"Subject: x\n\nbody\n", home)
+    assert classify(result.returncode, Convention.QMAIL) is Verdict.TEMPORARY, result.stderr

@@ -56,6 +56,19 @@ static int sparse(const char *path) {
     return EX_TEMPFAIL;
 }
 
+/* Disk that RLIMIT_FSIZE does not see: blocks reserved beyond the size (FALLOC_FL_KEEP_SIZE),
+ * in a file of the writable directory or in the message's private copy ("-": stdin). */
+static int reserve(const char *path) {
+    int fd = strcmp(path, "-") ? open(path, O_RDWR | O_CREAT, 0644) : 0;
+    if (fd < 0) return refused(path);
+    if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 256LL << 20) != 0) return refused("fallocate");
+    struct stat info;
+    fstat(fd, &info);
+    printf("RESERVED %lld bytes in a file of size %lld\n", (long long)info.st_blocks * 512,
+           (long long)info.st_size);   /* the test reads this for the message's copy */
+    return EX_TEMPFAIL;
+}
+
 /* Memory that RLIMIT_AS does not see: pages written into memfds are never mapped.  Each
  * memfd stays under limits.file_bytes (per_file_mb), so only the total is hostile. */
 static int memfd_bomb(long cap_mb, long per_file_mb) {
@@ -166,6 +179,7 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "sleep")) sleep_forever();
     if (!strcmp(mode, "fill")) return fill(case_arg(1));
     if (!strcmp(mode, "sparse")) return sparse(case_arg(1));
+    if (!strcmp(mode, "reserve")) return reserve(case_arg(1));
     if (!strcmp(mode, "fds")) return descriptors();
     if (!strcmp(mode, "memfd")) return memfd_bomb(atol(case_arg(1)), atol(case_arg(2)));
     if (!strcmp(mode, "fill-many"))
