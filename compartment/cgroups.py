@@ -24,19 +24,9 @@ Supervisor side, root.  The life cycle of one compartment's cgroup:
              pid namespace whose process is gone is stale; names of other pid namespaces, whose
              processes cannot be looked up from here, are left alone.
 
-Where: below the supervisor's own cgroup in each hierarchy (/proc/self/cgroup, mount points from
-/proc/self/mountinfo), never elsewhere.  cgroup v1 (memory, pids, cpuacct, each mounted on its
-own or together) has no rule against a cgroup holding both processes and children.  cgroup v2
-does: a cgroup holding processes cannot enable controllers for its children, so the supervisor
-needs a cgroup of its own to divide.  On v2 the compartments' cgroups go
-- below the root cgroup, when the supervisor is there (no systemd);
-- below a cgroup that systemd delegated (Delegate=yes on the unit: the trusted.delegate or
-  user.delegate attribute), after the supervisor moved itself into a leaf `supervisor/` of it;
-  a supervisor started in that leaf (DelegateSubgroup=supervisor) uses its parent;
-- nowhere else: a cgroup that is not delegated, or that holds other processes (an MTA's), is
-  not ours to divide, and that is Unavailable, a configuration error naming the cgroup.
+Where (compartment/cgroup_hierarchies.py): below the supervisor's own cgroup in each hierarchy,
+never elsewhere.
 """
-
 from __future__ import annotations
 
 import atexit
@@ -48,26 +38,27 @@ import signal
 import time
 from dataclasses import dataclass
 
+from compartment.cgroup_hierarchies import (
+    CPU,
+    MEMORY,
+    PIDS,
+    Hierarchy,
+    Unavailable,
+    find,
+    keyed,
+    layout,
+    read,
+    write,
+    write_if_there,
+)
 from compartment.policy import Limits
 
-MEMORY, PIDS, CPU = "memory", "pids", "cpuacct"  # CPU: cpuacct on v1, cpu.stat (core) on v2
-WANTED = frozenset({MEMORY, PIDS, CPU})
-LEAF = "supervisor"  # the delegated cgroup's leaf that holds the supervisor on v2
+__all__ = ["CPU", "MEMORY", "PIDS", "Cgroup", "Hierarchy", "Unavailable", "Usage", "create",
+           "find", "layout", "make_spare", "release", "sweep"]
+
 _PREFIX = "compartment-"
 _REMOVE_WAIT_S = 2.0  # processes killed with SIGKILL are gone long before this
 _SWEEP_WAIT_S = 0.1  # another supervisor's leftovers must not hold up this delivery
-
-
-class Unavailable(Exception):
-    """No cgroup can be made for the compartment here; the message says where and why."""
-
-
-@dataclass(frozen=True)
-class Hierarchy:
-    version: int            # 1 or 2
-    base: str               # the directory in which compartments' cgroups are made
-    serves: frozenset[str]  # which of MEMORY, PIDS, CPU this hierarchy accounts and limits
-    leaf: str = ""          # v2: the leaf the supervisor moves into before dividing `base`
 
 
 @dataclass(frozen=True)
@@ -102,17 +93,17 @@ class Cgroup:
             # whether a spare's limit is raised or lowered
             swap = f"{memory[1]}/memory.memsw.limit_in_bytes"  # with swap accounting only
             if raising:
-                _write_if_there(swap, limits.memory_bytes)
-            _write(f"{memory[1]}/memory.limit_in_bytes", limits.memory_bytes)
-            _write_if_there(swap, limits.memory_bytes)
+                write_if_there(swap, limits.memory_bytes)
+            write(f"{memory[1]}/memory.limit_in_bytes", limits.memory_bytes)
+            write_if_there(swap, limits.memory_bytes)
         elif memory:
-            _write(f"{memory[1]}/memory.max", limits.memory_bytes)
-            _write_if_there(f"{memory[1]}/memory.swap.max", 0)
-            _write(f"{memory[1]}/memory.oom.group", 1)  # an OOM kill takes the whole compartment
+            write(f"{memory[1]}/memory.max", limits.memory_bytes)
+            write_if_there(f"{memory[1]}/memory.swap.max", 0)
+            write(f"{memory[1]}/memory.oom.group", 1)  # an OOM kill takes the whole compartment
         if pids:
             # The init, and the agent's processes and threads, itself among them: 0 and 1 both
             # mean the agent alone.
-            _write(f"{pids[1]}/pids.max", max(limits.processes, 1) + 1)
+            write(f"{pids[1]}/pids.max", max(limits.processes, 1) + 1)
 
     def cpu_seconds(self) -> float:
         found = self._dir(CPU)
@@ -120,8 +111,8 @@ class Cgroup:
             return 0.0
         version, path = found
         if version == 1:
-            return int(_read(f"{path}/cpuacct.usage")) / 1e9
-        return _keyed(_read(f"{path}/cpu.stat"), "usage_usec") / 1e6
+            return int(read(f"{path}/cpuacct.usage")) / 1e9
+        return keyed(read(f"{path}/cpu.stat"), "usage_usec") / 1e6
 
     def usage(self) -> Usage:
         """Once the compartment is over: the figures of its own tree, nothing of the supervisor's
@@ -129,12 +120,12 @@ class Cgroup:
         peak, oom_kills = None, 0
         found = self._dir(MEMORY)
         if found and found[0] == 1:
-            peak = int(_read(f"{found[1]}/memory.max_usage_in_bytes"))
-            oom_kills = _keyed(_read(f"{found[1]}/memory.oom_control"), "oom_kill")
+            peak = int(read(f"{found[1]}/memory.max_usage_in_bytes"))
+            oom_kills = keyed(read(f"{found[1]}/memory.oom_control"), "oom_kill")
         elif found:
             with contextlib.suppress(FileNotFoundError):
-                peak = int(_read(f"{found[1]}/memory.peak"))
-            oom_kills = _keyed(_read(f"{found[1]}/memory.events"), "oom_kill")
+                peak = int(read(f"{found[1]}/memory.peak"))
+            oom_kills = keyed(read(f"{found[1]}/memory.events"), "oom_kill")
         return Usage(self.cpu_seconds(), peak, oom_kills)
 
     def close_fds(self) -> None:
@@ -153,7 +144,7 @@ class Cgroup:
             self.oom_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control = os.open(f"{found[1]}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _write(f"{found[1]}/cgroup.event_control", f"{self.oom_fd} {control}")
+                write(f"{found[1]}/cgroup.event_control", f"{self.oom_fd} {control}")
             finally:
                 os.close(control)
         return self.oom_fd
@@ -185,8 +176,8 @@ class Cgroup:
         """Every hierarchy holds the same processes: the child joined each, its own inherit."""
         version, path = self.dirs[0][0].version, self.dirs[0][1]
         if version == 2:
-            return _keyed(_read(f"{path}/cgroup.events"), "populated") == 0
-        return not _read(f"{path}/cgroup.procs").strip()
+            return keyed(read(f"{path}/cgroup.events"), "populated") == 0
+        return not read(f"{path}/cgroup.procs").strip()
 
 
 def create(limits: Limits) -> Cgroup:
@@ -275,143 +266,6 @@ def sweep(hierarchies: tuple[Hierarchy, ...]) -> int:
     return removed
 
 
-# --- where the hierarchies are ----------------------------------------------------------------
-
-_layout: list[tuple[Hierarchy, ...]] = []  # found once per process, the v2 leaf entered then
-
-
-def layout() -> tuple[Hierarchy, ...]:
-    """The hierarchies this process makes compartments' cgroups in, found and made ready once
-    (on v2 that may move this process into its leaf).  Raises Unavailable."""
-    if not _layout:
-        hierarchies = find()
-        for hierarchy in hierarchies:
-            if hierarchy.version == 2:
-                _prepare_v2(hierarchy)
-        _layout.append(hierarchies)
-    return _layout[0]
-
-
-def find() -> tuple[Hierarchy, ...]:
-    """Where each of memory, pids and CPU accounting is, below this process's own cgroups; no
-    change is made (`compartment check` calls this)."""
-    own = _own_cgroups()
-    v1: dict[str, Hierarchy] = {}
-    unified = ""
-    for mount_root, point, fstype, options in _cgroup_mounts():
-        if fstype == "cgroup2":
-            unified = unified or _below(point, mount_root, own.get("", ""))
-            continue
-        serves = WANTED & set(options.split(","))
-        path = own.get(",".join(sorted(serves)), "") or next(
-            (p for key, p in own.items() if serves and serves <= set(key.split(","))), "")
-        base = _below(point, mount_root, path) if serves and path else ""
-        if base:
-            v1.setdefault(base, Hierarchy(1, base, frozenset(serves)))
-    served = set().union(*(h.serves for h in v1.values()))
-    missing = WANTED - served
-    if not missing:
-        return tuple(v1.values())
-    if not unified:
-        raise Unavailable(f"no cgroup hierarchy has the {', '.join(sorted(missing))} "
-                          "controller (see /proc/cgroups)")
-    return (*v1.values(), _find_v2(unified, frozenset(missing)))
-
-
-def _find_v2(here: str, serves: frozenset[str]) -> Hierarchy:
-    need = serves - {CPU}  # CPU time is in every v2 cgroup's cpu.stat
-    release = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2])
-    if release < (5, 7):
-        raise Unavailable(f"cgroup v2 needs Linux 5.7 (clone3 CLONE_INTO_CGROUP), this is "
-                          f"{os.uname().release}")
-    parent = os.path.dirname(here)
-    if _is_root(here):
-        base, leaf = here, ""
-    elif os.path.basename(here) == LEAF and _delegated(parent):
-        base, leaf = parent, ""  # DelegateSubgroup=supervisor, or moved there already
-    elif _delegated(here):
-        base, leaf = here, f"{here}/{LEAF}"
-    else:
-        raise Unavailable(f"cgroup v2: {here} is not delegated to compartment, and the kernel "
-                          "limits memory only below a cgroup that holds no process; run the "
-                          "supervisor in a unit with Delegate=yes (compartment serve), or set "
-                          'limits.enforcement = "rlimits"')
-    missing = need - set(_read(f"{base}/cgroup.controllers").split())
-    if missing:
-        raise Unavailable(f"cgroup v2: {base} lacks the {', '.join(sorted(missing))} "
-                          "controller (cgroup.controllers)")
-    return Hierarchy(2, base, serves, leaf)
-
-
-def _prepare_v2(hierarchy: Hierarchy) -> None:
-    """Enable the controllers below `base`, first moving this process into the leaf if it is
-    in `base` itself (no internal processes)."""
-    base, leaf = hierarchy.base, hierarchy.leaf
-    need = hierarchy.serves - {CPU}
-    enabled = set(_read(f"{base}/cgroup.subtree_control").split())
-    if need <= enabled and not leaf:
-        return
-    if leaf:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(leaf, 0o755)
-        _write(f"{leaf}/cgroup.procs", os.getpid())
-    try:
-        if need - enabled:
-            _write(f"{base}/cgroup.subtree_control", " ".join(f"+{c}" for c in need - enabled))
-    except OSError as err:
-        if leaf:
-            _write(f"{base}/cgroup.procs", os.getpid())  # back where we were
-        if err.errno == errno.EBUSY:
-            raise Unavailable(f"cgroup v2: {base} holds other processes, so the kernel cannot "
-                              "limit memory below it; give compartment a unit of its own with "
-                              "Delegate=yes") from None
-        raise Unavailable(f"cgroup v2: cannot enable controllers in {base}: "
-                          f"{err.strerror}") from None
-
-
-def _own_cgroups() -> dict[str, str]:
-    """/proc/self/cgroup: controllers (sorted, comma-separated; "" for v2) -> own path."""
-    own = {}
-    for line in _read("/proc/self/cgroup").splitlines():
-        _, controllers, path = line.split(":", 2)
-        own[",".join(sorted(controllers.split(","))) if controllers else ""] = path
-    return own
-
-
-def _cgroup_mounts() -> list[tuple[str, str, str, str]]:
-    """(root within the hierarchy, mount point, fstype, super options) of cgroup mounts."""
-    mounts = []
-    for line in _read("/proc/self/mountinfo").splitlines():
-        fields, _, tail = line.partition(" - ")
-        fstype, _, options = (tail.split() + ["", "", ""])[:3]
-        if fstype in ("cgroup", "cgroup2"):
-            parts = fields.split()
-            mounts.append((parts[3], parts[4], fstype, options))
-    return mounts
-
-
-def _below(point: str, mount_root: str, path: str) -> str:
-    """The directory of `path` (a cgroup path) in a hierarchy mounted at `point`, whose root is
-    `mount_root`; "" when the mount does not show it."""
-    if not path or not (path + "/").startswith(mount_root.rstrip("/") + "/"):
-        return ""
-    tail = path[len(mount_root.rstrip("/")):]
-    return os.path.normpath(point + tail)
-
-
-def _is_root(path: str) -> bool:
-    """The hierarchy's root cgroup, which may hold processes and still divide its resources."""
-    return not os.path.exists(f"{path}/cgroup.type")
-
-
-def _delegated(path: str) -> bool:
-    for attribute in ("trusted.delegate", "user.delegate"):
-        with contextlib.suppress(OSError):
-            if os.getxattr(path, attribute) == b"1":
-                return True
-    return False
-
-
 # --- names, liveness, the sweep -------------------------------------------------------------
 
 class _State:
@@ -444,7 +298,7 @@ def _start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat, the process's start in clock ticks after boot: with the pid
     it names one process for the life of the machine.  None for no such process."""
     try:
-        stat = _read(f"/proc/{pid}/stat")
+        stat = read(f"/proc/{pid}/stat")
     except (FileNotFoundError, ProcessLookupError):
         return None
     return int(stat[stat.rindex(")") + 2:].split()[19])
@@ -475,10 +329,10 @@ def _rmdir(path: str) -> bool:
 def _kill_members(path: str) -> None:
     """SIGKILL to every process of this cgroup, and only to them."""
     with contextlib.suppress(FileNotFoundError):
-        _write(f"{path}/cgroup.kill", 1)  # v2, Linux 5.14
+        write(f"{path}/cgroup.kill", 1)  # v2, Linux 5.14
         return
     procs = f"{path}/cgroup.procs"
-    for pid in _read(procs).split():
+    for pid in read(procs).split():
         try:
             pidfd = os.pidfd_open(int(pid))
         except ProcessLookupError:
@@ -486,42 +340,9 @@ def _kill_members(path: str) -> None:
         try:
             # The pidfd names one process.  Its number still in the list means that process is
             # still a member (a number reused by a process outside would not be listed here).
-            if pid in _read(procs).split():
+            if pid in read(procs).split():
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             continue  # gone meanwhile
         finally:
             os.close(pidfd)
-
-
-# --- files ------------------------------------------------------------------------------------
-
-def _read(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 1 << 16).decode()
-    finally:
-        os.close(fd)
-
-
-def _write(path: str, value: int | str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, str(value).encode())
-    finally:
-        os.close(fd)
-
-
-def _write_if_there(path: str, value: int) -> None:
-    """A file the kernel has only with an option (swap accounting)."""
-    with contextlib.suppress(FileNotFoundError):
-        _write(path, value)
-
-
-def _keyed(text: str, key: str) -> int:
-    """The value of `key` in a flat keyed file ("key value" per line); 0 when absent."""
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from agentrun import PYTHON, run_agent
 
-from compartment import Outcome, Policy, cgroups, syscalls
+from compartment import Outcome, Policy, cgroup_hierarchies, cgroups, syscalls
 from compartment.confine import cgroup as cgroup_step
 
 
@@ -344,8 +344,8 @@ def test_no_usable_cgroup_is_a_configuration_error(monkeypatch):
     def unavailable() -> tuple[cgroups.Hierarchy, ...]:
         raise cgroups.Unavailable("cgroup v2: /system.slice/postfix.service is not delegated")
 
-    monkeypatch.setattr(cgroups, "_layout", [])
-    monkeypatch.setattr(cgroups, "find", unavailable)
+    monkeypatch.setattr(cgroup_hierarchies, "_layout", [])
+    monkeypatch.setattr(cgroup_hierarchies, "find", unavailable)
     for enforcement in ("auto", "cgroup"):
         ran = run_agent(["/bin/true"], overrides={"limits.enforcement": enforcement})
         assert ran.result.outcome is Outcome.CONFIG_ERROR

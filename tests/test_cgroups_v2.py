@@ -22,16 +22,16 @@ import pytest
 from agentrun import PYTHON, run_agent
 from test_cgroups import SERIAL_CPU
 
-from compartment import Outcome, Policy, cgroups, syscalls
+from compartment import Outcome, Policy, cgroup_hierarchies, cgroups, syscalls
 
 
 def _unified() -> str:
     if os.geteuid() != 0:
         return ""
-    own = cgroups._own_cgroups().get("")
-    for mount_root, point, fstype, _ in cgroups._cgroup_mounts():
+    own = cgroup_hierarchies._own_cgroups().get("")
+    for mount_root, point, fstype, _ in cgroup_hierarchies._cgroup_mounts():
         if fstype == "cgroup2" and own:
-            return cgroups._below(point, mount_root, own)
+            return cgroup_hierarchies._below(point, mount_root, own)
     return ""
 
 
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(not UNIFIED, reason="needs root and a cgroup2 hi
 def v2_core(monkeypatch) -> Iterator[cgroups.Hierarchy]:
     """This process makes its compartments' cgroups in the cgroup2 hierarchy, for CPU alone."""
     hierarchy = cgroups.Hierarchy(2, UNIFIED, frozenset({cgroups.CPU}))
-    monkeypatch.setattr(cgroups, "_layout", [(hierarchy,)])
+    monkeypatch.setattr(cgroup_hierarchies, "_layout", [(hierarchy,)])
     monkeypatch.setattr(cgroups, "_state", [])
     yield hierarchy
     cgroups.release()
@@ -97,23 +97,23 @@ def test_sweep_on_v2(v2_core):
 # --- where: the root, a delegated cgroup, its leaf --------------------------------------------
 
 PLACE = """import json, os, sys
-from compartment import cgroups
+from compartment import cgroup_hierarchies
 here = sys.argv[1]
 with open(here + "/cgroup.procs", "w") as procs:
     procs.write(str(os.getpid()))
 try:
-    found = cgroups._find_v2(here, frozenset(sys.argv[2:]))
-    cgroups._prepare_v2(found)
+    found = cgroup_hierarchies._find_v2(here, frozenset(sys.argv[2:]))
+    cgroup_hierarchies._prepare_v2(found)
     print(json.dumps({"base": found.base, "leaf": found.leaf,
                       "now": open("/proc/self/cgroup").read().split("::")[-1].strip()}))
-except cgroups.Unavailable as err:
+except cgroup_hierarchies.Unavailable as err:
     print(json.dumps({"unavailable": str(err)}))
 """
 
 
 @pytest.fixture
 def scratch_cgroup() -> Iterator[Path]:
-    if CONTROLLERS and cgroups._is_root(UNIFIED):  # as the supervisor enables them
+    if CONTROLLERS and cgroup_hierarchies._is_root(UNIFIED):  # as the supervisor enables them
         Path(UNIFIED, "cgroup.subtree_control").write_text(
             " ".join(f"+{c}" for c in CONTROLLERS))
     path = Path(UNIFIED, f"place-test-{os.getpid()}")
