@@ -11,7 +11,9 @@ Sections (numbers as in issue 5):
   4 one 64 MiB message (MB/s), and supervisor peak RSS for 1, 64 and 512 MiB
   5 timeout: from the deadline to the last process of the compartment gone
   6 import time of the run path
-  7 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
+  7 compartment.isolate: a function per call in a prison, against in-process and against
+    exec'ing python3 under compartment.run (issue 12)
+  8 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -32,6 +34,7 @@ import baseline
 import measure
 import sections_api
 import sections_cgroup
+import sections_isolate
 import sections_other
 import sections_timeout
 from measure import Target
@@ -48,6 +51,7 @@ class Sizes:
         self.big_rounds = 5 if quick else 30
         self.timeout_runs = 2 if quick else 8
         self.import_runs = 3 if quick else 15
+        self.isolate_rounds, self.isolate_warmup = (15, 3) if quick else (100, 5)
         self.cgroup_rounds = 60 if quick else 300
 
 
@@ -155,7 +159,8 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "4": sections_other.big_message,
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
-    "7": sections_cgroup.cgroup_cost,
+    "7": sections_isolate.isolated,
+    "8": sections_cgroup.cgroup_cost,
 }
 
 

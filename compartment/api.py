@@ -177,47 +177,63 @@ def _outcome(watch: Watch, policy: Policy, cpu_s: float,
     if (watch.usage and watch.usage.oom_kills) or watch.killed_for is Outcome.MEMORY_LIMIT:
         # The kernel killed in the compartment (the agent, a child of it, even the init), or
         # was about to: a process was cut off, whatever the agent's status says.
-        return (Outcome.MEMORY_LIMIT, f"used its {_size(limits.memory_bytes)} of memory "
-                "(limits.memory_bytes)", None, signum)
+        return Outcome.MEMORY_LIMIT, _memory_reason(limits), None, signum
     if watch.agent_wait_status is None and not watch.killed_for:
         return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
                 f"status (wait status {status:#x})", None, None)
     if watch.killed_for:
-        reason = {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
-                  Outcome.CPU_LIMIT: _cpu_reason(limits),
-                  Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
-                  Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
-                  Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
+        reason = killed_reason(watch, limits)
         if code is not None and watch.killed_for is Outcome.TIMEOUT:
             # the agent had finished, and what it left running had not
             reason += f" (the agent had exited {code}; a process it left was still running)"
         return watch.killed_for, reason, code, signum
     if signum is not None:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGSYS:
-            return (Outcome.VIOLATION, "killed by the seccomp filter (a syscall of another "
-                    "ABI such as i386 or x32)", None, signum)
-        if signum == signal.SIGXCPU or (signum == signal.SIGKILL and
-                                        cpu_s >= limits.cpu_seconds):
-            return Outcome.CPU_LIMIT, _cpu_reason(limits), None, signum
-        if signum == signal.SIGXFSZ:
-            return (Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past "
-                    f"{limits.file_bytes} bytes", None, signum)
-        return Outcome.SIGNAL, f"killed by {name}", None, signum
+        return (*signalled(signum, cpu_s, limits), None, signum)
     if code is not None and classify(code, agent) is Verdict.SUCCESS:
         return Outcome.OK, "delivered", code, None
     return Outcome.AGENT_FAILED, agent_reason(code), code, None
+
+
+def killed_reason(watch: Watch, limits: Limits) -> str:
+    """Why the watch killed the compartment (watch.killed_for), in one line."""
+    return {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
+            Outcome.CPU_LIMIT: _cpu_reason(limits),
+            Outcome.MEMORY_LIMIT: _memory_reason(limits),
+            Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
+            Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
+            Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
+
+
+def signalled(signum: int, cpu_s: float, limits: Limits) -> tuple[Outcome, str]:
+    """The outcome of a process the kernel or someone else killed with `signum`."""
+    if signum == signal.SIGSYS:
+        return (Outcome.VIOLATION, "killed by the seccomp filter (a syscall of another ABI such "
+                "as i386 or x32)")
+    if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= limits.cpu_seconds):
+        return Outcome.CPU_LIMIT, _cpu_reason(limits)
+    if signum == signal.SIGXFSZ:
+        return Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past {limits.file_bytes} bytes"
+    return Outcome.SIGNAL, f"killed by {signal_name(signum)}"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal other than SIGRTMIN and SIGRTMAX has no name
+        return f"signal {signum}"
 
 
 def _cpu_reason(limits: Limits) -> str:
     return f"used its {limits.cpu_seconds} s of CPU (limits.cpu_seconds)"
 
 
-def _size(count: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+def _memory_reason(limits: Limits) -> str:
+    count, unit = limits.memory_bytes, "bytes"
+    for name, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if count >= 1 << shift and count % (1 << shift) == 0:
-            return f"{count >> shift} {unit}"
-    return f"{count} bytes"
+            count, unit = count >> shift, name
+            break
+    return f"used its {count} {unit} of memory (limits.memory_bytes)"
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:

@@ -5,12 +5,14 @@
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
     compartment check [-p POLICY] [--set KEY=VALUE]...
     compartment policies
+    compartment pyfilter [RUN OPTIONS] [--output PATH | --reinject ...] [--] MODULE:FUNCTION
     compartment learn | audit ...     (the policy tools: compartment.policy_tools)
 
-`run` and `filter` are what an MTA executes, so every way out of them is a contract status:
-a usage error, a help request, a crash of ours, a stdout that cannot be written, descriptors
-0, 1 or 2 left closed by the caller.  None exits 1 or 2 (Postfix and Exim would bounce the
-message); each is a temporary failure in the caller's convention, with one reason on stderr.
+`run`, `filter` and `pyfilter` are what an MTA executes, so every way out of them is a contract
+status: a usage error, a help request, a crash of ours, a stdout that cannot be written,
+descriptors 0, 1 or 2 left closed by the caller.  None exits 1 or 2 (Postfix and Exim would
+bounce the message); each is a temporary failure in the caller's convention, with one reason
+on stderr.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Answered(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    delivery = False  # run and filter: their help goes to stderr, and is no success
+    delivery = False  # run, filter, pyfilter: their help goes to stderr, and is no success
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
@@ -74,27 +76,33 @@ def _parser() -> argparse.ArgumentParser:
                                "message, handed on to a file, sendmail or stdout")
     check = commands.add_parser("check", help="validate a policy and print it resolved")
     commands.add_parser("policies", help="list the shipped policies")
-    destination = filt.add_mutually_exclusive_group()
-    destination.add_argument("--output", metavar="PATH",
-                             help="write the new message to PATH (whole, or not at all)")
-    destination.add_argument("--reinject", nargs="+", metavar="ADDRESS",
-                             help="SENDER RECIPIENT...: re-inject with sendmail -G -i")
-    filt.add_argument("--sendmail", default="/usr/sbin/sendmail", metavar="PATH",
-                      help="the sendmail program for --reinject")
-    for sub in (run, check, filt):
-        sub.add_argument("-p", "--policy", default="filter",
-                         help="a shipped policy name or a TOML file (default: filter)")
+    pyf = commands.add_parser("pyfilter", help="run MODULE:FUNCTION in a prison on the message; "
+                              "the bytes it returns are the new message, handed on as filter's")
+    for sub in (filt, pyf):
+        destination = sub.add_mutually_exclusive_group()
+        destination.add_argument("--output", metavar="PATH",
+                                 help="write the new message to PATH (whole, or not at all)")
+        destination.add_argument("--reinject", nargs="+", metavar="ADDRESS",
+                                 help="SENDER RECIPIENT...: re-inject with sendmail -G -i")
+        sub.add_argument("--sendmail", default="/usr/sbin/sendmail", metavar="PATH",
+                         help="the sendmail program for --reinject")
+    for sub, default in ((run, "filter"), (check, "filter"), (filt, "filter"), (pyf, "strict")):
+        sub.add_argument("-p", "--policy", default=default,
+                         help=f"a shipped policy name or a TOML file (default: {default})")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override one policy key, e.g. limits.cpu_seconds=10")
-    for sub in (run, filt):
+    for sub in (run, filt, pyf):
         sub.delivery = True  # type: ignore[attr-defined]
         sub.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
                          help="the exit-status convention of the caller (default: sysexits)")
+        sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
+    for sub in (run, filt):
         sub.add_argument("--agent-exit-codes", choices=("caller", "sysexits", "qmail"),
                          help="the convention the agent speaks (default: the policy's "
                          "exit.agent_codes, by default the caller's)")
-        sub.add_argument("--report", metavar="PATH", help="append one JSON line per run to PATH")
         sub.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARG...]")
+    pyf.add_argument("program", nargs=argparse.REMAINDER, metavar="MODULE:FUNCTION",
+                     help="the function, by its module's import name and its own")
     return top
 
 
@@ -138,7 +146,7 @@ def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()
         return _policies()
     if args.command == "check":
         return _check(args)
-    return _run(args, stdin_closed=0 in closed)  # run and filter
+    return _run(args, stdin_closed=0 in closed)  # run, filter and pyfilter
 
 
 def say(text: str) -> None:
@@ -183,6 +191,9 @@ def _run(args: argparse.Namespace, stdin_closed: bool) -> int:
 
     caller = Convention(args.exit_codes)
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if args.command == "pyfilter" and len(program) != 1:
+        return _usage_failure(["--exit-codes", args.exit_codes], "compartment pyfilter: give "
+                              "one MODULE:FUNCTION, after the options")
     if not program:
         return _usage_failure(["--exit-codes", args.exit_codes], f"compartment {args.command}: no "
                               "PROGRAM given (compartment run [OPTIONS] -- PROGRAM [ARG...])")
@@ -197,7 +208,12 @@ def _run(args: argparse.Namespace, stdin_closed: bool) -> int:
                          policy.name, program, caller)
         finish(result, 2, b"", args.report or policy.report.path, caller)
         return result.exit_status
-    if args.command == "filter":
+    if args.command == "pyfilter":
+        from compartment.pyfilter import pyfilter
+
+        result = pyfilter(program[0], policy, output=args.output, reinject=args.reinject,
+                          sendmail=args.sendmail, exit_codes=caller, report=args.report)
+    elif args.command == "filter":
         from compartment.filtering import filter_message
 
         result = filter_message(program, policy, output=args.output, reinject=args.reinject,

@@ -24,6 +24,15 @@ class Outcome(StrEnum):
     INTERNAL_ERROR = "internal-error"
 
 
+class Failed(Exception):
+    """A call of an isolated function (compartment.isolate) that did not return its bytes: the
+    outcome in run's vocabulary and one line saying why, never an object of the child's."""
+
+    def __init__(self, outcome: Outcome, reason: str, denied_syscall: str | None = None) -> None:
+        super().__init__(f"{outcome}: {reason}")
+        self.outcome, self.reason, self.denied_syscall = outcome, reason, denied_syscall
+
+
 class Convention(StrEnum):
     SYSEXITS = "sysexits"
     QMAIL = "qmail"

@@ -14,7 +14,7 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from compartment import message
@@ -26,6 +26,10 @@ from compartment.report import Result
 SENDMAIL = "/usr/sbin/sendmail"
 
 
+# Runs the filter: (the original, read-only; the new message's file) -> (Result, diagnostics).
+Producer = Callable[[int, int], "tuple[Result, bytes]"]
+
+
 def filter_message(argv: Sequence[str], policy: Policy, *, stdin: int = 0,
                    output: str | None = None, reinject: Sequence[str] | None = None,
                    sendmail: str = SENDMAIL, stdout: int = 1, stderr: int = 2,
@@ -34,6 +38,21 @@ def filter_message(argv: Sequence[str], policy: Policy, *, stdin: int = 0,
     """Filter the message on stdin through argv; deliver to `output` (a path), to
     `reinject` ([sender, recipient, ...]) through sendmail, or else to stdout."""
     caller = Convention(exit_codes)
+
+    def produce(original: int, new: int) -> tuple[Result, bytes]:
+        return execute(argv, policy, (original, new, stderr), env, caller, agent_exit_codes)
+
+    return filter_with(produce, policy, argv, stdin=stdin, output=output, reinject=reinject,
+                       sendmail=sendmail, stdout=stdout, stderr=stderr, env=env, caller=caller,
+                       report=report)
+
+
+def filter_with(produce: Producer, policy: Policy, argv: Sequence[str], *, stdin: int,
+                output: str | None, reinject: Sequence[str] | None, sendmail: str, stdout: int,
+                stderr: int, env: Mapping[str, str] | None, caller: Convention,
+                report: str | None) -> Result:
+    """The filter's contract around any producer of the new message (`compartment filter`'s
+    program, `compartment pyfilter`'s function): the original kept, the result handed on."""
     started = time.monotonic()
     diagnostics = b""
     try:
@@ -46,9 +65,8 @@ def filter_message(argv: Sequence[str], policy: Policy, *, stdin: int = 0,
     else:
         try:
             with os.fdopen(original, "rb") as kept:
-                result, diagnostics = _filter(argv, policy, kept.fileno(), output, reinject,
-                                              sendmail, stdout, stderr, env, caller,
-                                              agent_exit_codes)
+                result, diagnostics = _filter(produce, policy, kept.fileno(), output, reinject,
+                                              sendmail, stdout, env, caller)
         except Exception as err:  # noqa: BLE001 - as execute()'s: around what the filter adds
             # (the new message's file, handing it on), so that the report still tells
             result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: "
@@ -57,16 +75,14 @@ def filter_message(argv: Sequence[str], policy: Policy, *, stdin: int = 0,
     return result
 
 
-def _filter(argv: Sequence[str], policy: Policy, original: int, output: str | None,
-            reinject: Sequence[str] | None, sendmail: str, stdout: int, stderr: int,
-            env: Mapping[str, str] | None, caller: Convention,
-            agent_exit_codes: str | None) -> tuple[Result, bytes]:
+def _filter(produce: Producer, policy: Policy, original: int, output: str | None,
+            reinject: Sequence[str] | None, sendmail: str, stdout: int,
+            env: Mapping[str, str] | None, caller: Convention) -> tuple[Result, bytes]:
     new = os.open("/var/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         agent_view = message.reopen_read_only(original)
         try:
-            result, diagnostics = execute(argv, policy, (agent_view, new, stderr), env, caller,
-                                          agent_exit_codes)
+            result, diagnostics = produce(agent_view, new)
         finally:
             os.close(agent_view)
         size = os.fstat(new).st_size

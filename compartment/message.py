@@ -141,6 +141,19 @@ def spool_copy(fd: int, mode: str, max_bytes: int) -> int:
     return read_only_spool
 
 
+def sealed(data: bytes | bytearray | memoryview) -> int:
+    """A sealed memfd holding `data`, positioned at 0: nothing can change it."""
+    spool = os.memfd_create("message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        write_all(spool, data)
+        fcntl.fcntl(spool, fcntl.F_ADD_SEALS, _SEALS)
+        os.lseek(spool, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(spool)
+        raise
+    return spool
+
+
 def reopen_read_only(fd: int) -> int:
     """A new read-only open of the same file, with its own offset at 0."""
     return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -179,7 +192,7 @@ def _mover(source: int, destination: int):  # noqa: ANN202 - a closure over the 
     return send
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """os.write until all of data is written (a pipe or socket may take part of it)."""
     view = memoryview(data)
     while view:

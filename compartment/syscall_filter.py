@@ -70,6 +70,40 @@ GROUPS: dict[str, tuple[str, ...]] = {
 BASELINE = ("@mount", "@namespace", "@debug", "@module", "@reboot", "@swap", "@keyring", "@bpf",
             "@io-uring", "@userfaultfd", "@handle", "@accounting", "@clock", "@raw-io", "@system")
 
+# The prison of compartment.isolate: what CPython needs to run a function that imports nothing,
+# on the descriptors the prison holds, and why.  Found by experiment: the function's process
+# traced (strace) after its filter was loaded, for the examples (email parsing and generating)
+# and for functions that raise, recurse, exhaust memory, grow buffers, read the clocks, write
+# 8 MB.  Not needed, so not allowed: futex (one thread: nothing to wait for), clock_gettime
+# (the vDSO answers without a syscall), madvise and mprotect (glibc's main arena uses brk and
+# mmap), rt_sigreturn (every signal is blocked or kills), exit (one thread: exit_group),
+# getpid and getrandom (a function that wants them is given them by seccomp.allow).
+PRISON: dict[str, str] = {
+    "read": "the input: descriptor 0 only",
+    "write": "the output (descriptor 1) and the result record (2) only",
+    "close": "the setup's end closes the status socket and the seccomp listener",
+    "sendmsg": "the listener to the zygote, on the status socket (3) only, closed right after",
+    "prlimit64": "the late limits, set and read back once the filter is loaded; pid 0 only",
+    "brk": "memory: the C allocator's heap",
+    "mmap": "memory: CPython's arenas and large objects; anonymous, never executable",
+    "munmap": "memory: giving them back",
+    "mremap": "memory: a large buffer grown in place (bytearray +=, list growth)",
+    "exit_group": "the end: os._exit",
+}
+_PROT_EXEC, _MAP_ANONYMOUS = 0x4, 0x20
+# The arguments some are limited to: alternatives, each a list of (argument index, mask, value)
+# that must all hold (argument & mask == value).
+_WORD = 0xFFFFFFFF
+_PRISON_ARGUMENTS: dict[str, tuple[tuple[tuple[int, int, int], ...], ...]] = {
+    "read": (((0, _WORD, 0),),),
+    "write": (((0, _WORD, 1),), ((0, _WORD, 2),)),
+    "sendmsg": (((0, _WORD, 3),),),
+    "prlimit64": (((0, _WORD, 0),),),
+    # Anonymous memory only: a shared writable mapping of a descriptor the caller handed in
+    # read-write would write into the caller's file.
+    "mmap": (((2, _PROT_EXEC, 0), (3, _MAP_ANONYMOUS, _MAP_ANONYMOUS)),),
+}
+
 _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
                     0x02000000, 0x00000080)  # CLONE_NEW{NS,UTS,IPC,USER,PID,NET,CGROUP,TIME}
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
@@ -144,18 +178,48 @@ def compile_learning_filter(spec: Seccomp, network: Network,
     return _compile(spec, network, watched)
 
 
+@functools.lru_cache(maxsize=8)
+def compile_prison(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> CompiledFilter:
+    """Caller side of compartment.isolate, once per set of extras (the zygote never loads
+    libseccomp): PRISON, plus a policy's seccomp.allow, minus its seccomp.deny."""
+    import pyseccomp  # slow: once per process
+
+    _refuse_walls(allow)
+    sockets = set(expand(allow)) & _SOCKET_CALLS
+    if sockets:
+        raise FilterError(f"seccomp.allow: {sorted(sockets)[0]!r}: the prison of "
+                          "compartment.isolate makes no socket")
+    denied = set(expand(BASELINE + deny))
+    flt = _new_filter(pyseccomp, pyseccomp.NOTIFY)
+    for name in sorted((set(PRISON) | set(expand(allow))) - denied):
+        limited = _PRISON_ARGUMENTS.get(name) if name not in allow else None
+        try:
+            if limited is None:
+                flt.add_rule(pyseccomp.ALLOW, name)
+                continue
+            for conditions in limited:
+                flt.add_rule(pyseccomp.ALLOW, name,
+                             *(pyseccomp.Arg(index, pyseccomp.MASKED_EQ, mask, value)
+                               for index, mask, value in conditions))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise FilterError(f"seccomp: cannot filter {name!r}: {err}") from None
+    return _export(pyseccomp, flt)
+
+
+def _refuse_walls(allow: tuple[str, ...]) -> None:
+    walls = set(expand(BASELINE)) & set(expand(allow))
+    if walls:
+        raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
+                          "which no policy can allow")
+
+
 def _compile(spec: Seccomp, network: Network,
              watched: frozenset[str] = frozenset()) -> CompiledFilter:
-    import tempfile
-
     import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
 
     notify = pyseccomp.NOTIFY
     denied = set(expand(BASELINE + spec.deny))
-    walls = set(expand(BASELINE)) & set(expand(spec.allow))
-    if walls:
-        raise FilterError(f"seccomp.allow: {sorted(walls)[0]!r} is in the built-in baseline, "
-                          "which no policy can allow")
+    _refuse_walls(spec.allow)
     allowed = set(expand(spec.allow + ("@basic",))) - denied if spec.default == "kill" else set()
     allowed -= {"prlimit64", *watched}  # prlimit64 only with pid 0: an argument rule, below
     # Sockets are [network]'s to grant (AF_UNIX alone, by an argument rule below): a socket
@@ -166,9 +230,7 @@ def _compile(spec: Seccomp, network: Network,
                           "network.unix_sockets (AF_UNIX only); no policy allows other families")
     reserves = "fallocate" in allowed
     allowed.discard("fallocate")  # mode 0 only: an argument rule, below
-    flt = pyseccomp.SyscallFilter(notify if spec.default == "kill" else pyseccomp.ALLOW)
-    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
-    flt.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
+    flt = _new_filter(pyseccomp, notify if spec.default == "kill" else pyseccomp.ALLOW)
     explicit = set(expand(spec.allow + spec.deny))
     # In allow-list mode a denied name is simply not allowed: the default already notifies.
     rules = allowed if spec.default == "kill" else denied | watched
@@ -181,15 +243,29 @@ def _compile(spec: Seccomp, network: Network,
             # A group member this architecture does not have: nothing to filter.
     _add_argument_rules(pyseccomp, flt, network, spec.default == "kill", watched)
     _bound_fallocate(pyseccomp, flt, spec.default == "kill", reserves)
+    return _export(pyseccomp, flt)
+
+
+def _new_filter(ps: Any, default_action: Any) -> Any:
+    flt = ps.SyscallFilter(default_action)
+    flt.set_attr(ps.Attr.ACT_BADARCH, ps.KILL_PROCESS)
+    flt.set_attr(ps.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, and checks it
+    return flt
+
+
+def _export(ps: Any, flt: Any) -> CompiledFilter:
+    """The BPF program, and the syscall-name table a violation is reported with."""
+    import tempfile
+
     with tempfile.TemporaryFile() as out:
         flt.export_bpf(out)
         out.seek(0)
         bpf = out.read()
-    arch = pyseccomp.system_arch()
+    arch = ps.system_arch()
     names = {}
     for nr in range(1024):
         try:
-            names[nr] = pyseccomp.resolve_syscall(arch, nr).decode()
+            names[nr] = ps.resolve_syscall(arch, nr).decode()
         except (OSError, ValueError, RuntimeError):
             continue
     return CompiledFilter(bpf, names)

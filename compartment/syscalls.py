@@ -218,11 +218,18 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32))
 
 
+# Bound once here, as _mount and _prctl are: a process cloned from this one (a compartment.isolate
+# prison) then calls them without making the function objects, and writes fewer of the pages
+# it shares with its parent (each such write is a page copied).
+_CapSets = _CapData * 2
+_capget, _capset, _setns = _libc.capget, _libc.capset, _libc.setns
+
+
 def capget() -> dict[str, int]:
     """This thread's capability sets as 64-bit masks, read in one capget(2)."""
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
-    data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    data = _CapSets()
+    _check(_capget(ctypes.byref(header), data), "capget")
     return {name: getattr(data[0], name) | getattr(data[1], name) << 32
             for name in ("effective", "permitted", "inheritable")}
 
@@ -232,7 +239,7 @@ def unshare(flags: int) -> None:
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), "setns", hex(nstype))
+    _check(_setns(fd, nstype), "setns", hex(nstype))
 
 
 # Landlock (linux/landlock.h): only its scopes are used, which need ABI 6 (Linux 6.12).
@@ -270,4 +277,4 @@ def sethostname(name: str) -> None:
 def capset_empty() -> None:
     """Clear this thread's effective, permitted and inheritable sets in one capset(2)."""
     header = _CapHeader(0x20080522, 0)
-    _check(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
+    _check(_capset(ctypes.byref(header), _CapSets()), "capset")

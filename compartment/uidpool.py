@@ -36,7 +36,8 @@ class Lease:
 
 
 def lease(first: int, last: int) -> Lease:
-    os.makedirs(LEASE_DIR, mode=0o700, exist_ok=True)
+    if not os.path.isdir(LEASE_DIR):  # one stat per lease; makedirs would raise and catch
+        os.makedirs(LEASE_DIR, mode=0o700, exist_ok=True)
     size = last - first + 1
     start = int.from_bytes(os.urandom(4), "little") % size  # spread concurrent callers
     for i in range(size):

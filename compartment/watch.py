@@ -104,6 +104,13 @@ class Watch:
             self.cgroup.close_fds()  # the child has its own copies
             self.cpu_check_at = self.started + self.limits.cpu_seconds / _CPUS
 
+    def commit(self, caller_out: int) -> None:
+        """A compartment started ahead of its request (compartment.isolate's prisons) gets it:
+        where its output goes, and its time, which counts from now."""
+        self.caller_out = caller_out
+        self.started = time.monotonic()
+        self.deadline = self.started + self.limits.wall_timeout_s
+
     def run(self) -> None:
         poller = select.poll()
         handlers = {self.pidfd: self._on_exit, self.status.fileno(): self._on_status}

@@ -39,6 +39,33 @@ supervisor's pages are copied twice.
 
 A failing step raises SetupError; `run_child` sends it to the supervisor as one fixed-size record
 on the status socket and exits 127.  Nothing here returns into the supervisor's code.
+
+The prison (`enter_prison`, compartment.isolate): the same steps for a function run in the
+child's own interpreter, cloned from a zygote (compartment/zygote.py) instead of exec'd, and
+cloned ahead of its request: it takes every step that does not depend on the request, then
+waits for its input.  Its order, with what differs from the above:
+
+1. namespaces    only a pid namespace is new at the clone; network, ipc, uts (and the user
+                 namespace, unprivileged) are the zygote's, made once at its start.
+2. descriptors   moved first, and closed rather than close-on-exec (there is no exec): the
+                 zygote's own descriptors (its connection to the caller) leave at once, and
+                 the status socket is at its fixed number for every failure report.  0 /dev/null
+                 until the input comes, 1 output, 2 result record, 3 status socket, 4 the
+                 empty root (until step 3).
+3. filesystem    join the empty read-only root the zygote made once (no /tmp, no /dev), rather
+                 than build one: a setns instead of a mount tree.
+-  capabilities  inherited: the zygote emptied its bounding set and locked securebits once at
+   (restrict)    its start (they bind only what an exec could gain; the zygote never execs).
+4-8.             credentials, capabilities (drop_all: verifies the bounding set too), rlimits,
+                 session, no_new_privs: as above.  rlimits: RLIMIT_FSIZE is 0.
+-  scope         none: the network namespace is not shared and no socket call is allowed.
+-  init          none: the prison never forks, and is pid 1 of its namespace (a signal it sends
+                 itself is refused by the filter before the kernel could ignore it).
+9. input         the request: the input descriptor arrives on the status socket, put at 0.
+10. seccomp      the prison's allow-list (syscall_filter.PRISON), not the policy's filter.
+11. rlimits      RLIMIT_NOFILE 3 (the descriptors it holds), RLIMIT_NPROC 0, RLIMIT_AS; then
+   (late)        the status socket is closed.
+-  exec          none: enter_prison returns, and the zygote's code runs the function.
 """
 
 from __future__ import annotations
@@ -68,6 +95,9 @@ from compartment.confine import (
 from compartment.confine.errors import SetupError, fail
 
 CHILD_FAILED = 127
+# The prison's descriptors, fixed so that its filter can name them (syscall_filter.PRISON).
+PRISON_INPUT, PRISON_OUTPUT, PRISON_RECORD, PRISON_STATUS, PRISON_ROOT = range(5)
+PRISON_HELD = 3  # input, output and record: all it holds once the setup is over
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,52 @@ def run_child(plan: Plan, status: socket.socket) -> None:
         record = SetupError("internal", type(err).__name__, 0, str(err)).pack()
     try:
         status.send(record)
+    finally:
+        os._exit(CHILD_FAILED)
+
+
+@dataclass(frozen=True)
+class PrisonPlan:
+    """Everything a prison needs, prepared by its zygote before the clone."""
+
+    unprivileged: bool
+    uid: int
+    gid: int
+    last_cap: int
+    rlimits: rlimits.Rlimits
+    seccomp: syscalls.PreparedFilter
+    handed: Sequence[tuple[int, int]]  # (PRISON_INPUT, fd) ... (PRISON_ROOT, fd), in order
+
+
+def enter_prison(plan: PrisonPlan) -> None:
+    """Child of the zygote, just cloned into a pid namespace of its own, privileged (root, or
+    in the zygote's user namespace); returns confined with its input, the function not yet
+    run.  A failing step is reported to the zygote on the status socket, and the child exits."""
+    try:
+        descriptors.keep_only(plan.handed)
+    except SetupError:
+        os._exit(CHILD_FAILED)  # the status socket may not be at its number: say nothing
+    status = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, PRISON_STATUS)
+    try:
+        filesystem.join_empty_root(PRISON_ROOT)
+        os.close(PRISON_ROOT)
+        credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
+        capabilities.drop_all(plan.last_cap)
+        rlimits.enter(plan.rlimits)
+        session.enter()
+        _no_new_privs()
+        descriptors.receive(status, PRISON_INPUT)  # the request: everything above was ahead
+        seccomp.enter(plan.seccomp, status)
+        rlimits.enter_late(plan.rlimits)
+    except SetupError as err:
+        record = err.pack()
+    except BaseException as err:  # noqa: BLE001 - anything else is an internal error, reported
+        record = SetupError("internal", type(err).__name__, 0, str(err)).pack()
+    else:
+        status.close()
+        return
+    try:
+        status.sendmsg([record])  # sendmsg: what the prison's filter allows on this socket
     finally:
         os._exit(CHILD_FAILED)
 

@@ -26,6 +26,9 @@ from compartment import syscalls
 from compartment.confine.errors import fail
 
 STEP = "namespaces"
+# A prison (compartment.isolate) gets only a pid namespace at its clone: the rest is its
+# zygote's (`zygote`), and its root is joined (filesystem.join_empty_root).
+PRISON_CLONE_FLAGS = syscalls.CLONE_NEWPID
 _shared: list[tuple[int, int]] = []  # the shared network namespace once made: (fd, inode)
 
 
@@ -72,14 +75,43 @@ def enter(unprivileged: bool, uid: int, gid: int, hostname: str, network: int | 
         except OSError as err:
             raise fail(STEP, "setns", err, "the shared network namespace") from None
     if unprivileged:
-        # One line each, our own ids: the only mapping an unprivileged process may write, and
-        # gid_map needs setgroups denied first (user_namespaces(7)).
-        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
-        _write("/proc/self/setgroups", "deny\n")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+        _map_own_ids(uid, gid)
     # The host's name is none of the agent's business; each compartment gets a name of its
     # own, unique, because Maildir delivery names files time.pid.host and every agent's pid is 2,
     # and dotted (.invalid, RFC 2606), because programs resolve an undotted name through DNS.
+    _set_hostname(hostname)
+
+
+def zygote(unprivileged: bool, hostname: str) -> None:
+    """The zygote of compartment.isolate, once at its start, for all its prisons: it moves
+    itself into new network, ipc and uts namespaces (and a user namespace when unprivileged,
+    where its children are privileged enough to take their steps), which every prison it clones
+    inherits.  Made once because they hold nothing a prison could leave for the next: no
+    interface is up, and no prison can call socket, SysV IPC or sethostname.  Each prison
+    still gets a pid namespace of its own (PRISON_CLONE_FLAGS) and joins the empty root
+    (filesystem.join_empty_root).  The zygote is single-threaded, which unshare requires."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWUTS
+    try:
+        syscalls.unshare(flags | (syscalls.CLONE_NEWUSER if unprivileged else 0))
+    except OSError as err:
+        hint = " (user namespaces disabled? user.max_user_namespaces; no unconfined run " \
+            "instead)" if unprivileged else ""
+        raise fail(STEP, "unshare", err, "the zygote's namespaces" + hint) from None
+    if unprivileged:
+        _map_own_ids(uid, gid)
+    _set_hostname(hostname)
+
+
+def _map_own_ids(uid: int, gid: int) -> None:
+    # One line each, our own ids: the only mapping an unprivileged process may write, and
+    # gid_map needs setgroups denied first (user_namespaces(7)).
+    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+    _write("/proc/self/setgroups", "deny\n")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+
+
+def _set_hostname(hostname: str) -> None:
     try:
         syscalls.sethostname(hostname)
     except OSError as err:

@@ -43,6 +43,18 @@ def plan(limits: Limits, cgroup: bool) -> Rlimits:
             (resource.RLIMIT_AS, memory, memory))
 
 
+def prison(limits: Limits, held_fds: int) -> Rlimits:
+    """compartment.isolate's prison: the policy's CPU time and address space; no file written
+    (it has none to write), no process (it never forks, and has no init to count), and no
+    descriptor beyond the `held_fds` it holds (descriptor numbers start at 0)."""
+    return ((resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
+            (resource.RLIMIT_FSIZE, 0, 0),
+            (resource.RLIMIT_NPROC, 0, 0),
+            (resource.RLIMIT_CORE, 0, 0),
+            (resource.RLIMIT_NOFILE, held_fds, held_fds),
+            (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+
+
 def enter(rlimits: Rlimits) -> None:
     _set([r for r in rlimits if r[0] not in _LATE])
 
