@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup venv demo test lint size bench bench-quick hostile soak mta clean
+.PHONY: setup venv demo test lint size bench bench-quick hostile hostile-serve soak soak-serve mta clean
 
 # Debian packages: libcap-dev builds python-prctl; libseccomp2 is what pyseccomp loads;
 # gcc/libc6-dev build the static probe agents of the tests.
@@ -40,9 +40,18 @@ size:
 hostile: setup
 	$(PY) tests/hostile/run_hostile.py
 
-# 5000 deliveries in a row, then 4 concurrent callers: no leaked fds, zombies, mounts, uids.
+# The same through a resident supervisor (compartment serve) the harness starts.
+hostile-serve: setup
+	$(PY) tests/hostile/run_hostile.py --serve
+
+# 5000 deliveries in a row, then 4 concurrent callers: no leaked fds, zombies, mounts, uids;
+# then the same through compartment serve, which must be left as it was found too.
 soak: setup
 	$(PY) tests/hostile/hostile_soak.py --deliveries 5000 --callers 4
+	$(PY) tests/hostile/hostile_soak.py --deliveries 5000 --callers 4 --serve
+
+soak-serve: setup
+	$(PY) tests/hostile/hostile_soak.py --deliveries 5000 --callers 4 --serve
 
 # Only the tests that install and drive a real MTA (Postfix, Exim, OpenSMTPD).
 mta: setup

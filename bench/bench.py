@@ -13,7 +13,8 @@ Sections (numbers as in issue 5):
   6 import time of the run path
   7 compartment.isolate: a function per call in a prison, against in-process and against
     exec'ing python3 under compartment.run (issue 12)
-  8 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
+  8 the resident supervisor: compartment submit and compartment.submit vs bwrap (issue 10)
+  9 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -34,6 +35,7 @@ import baseline
 import measure
 import sections_api
 import sections_cgroup
+import sections_daemon
 import sections_isolate
 import sections_other
 import sections_timeout
@@ -160,7 +162,8 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "5": sections_timeout.timeout,
     "6": sections_other.import_time,
     "7": sections_isolate.isolated,
-    "8": sections_cgroup.cgroup_cost,
+    "8": sections_daemon.daemon_path,
+    "9": sections_cgroup.cgroup_cost,
 }
 
 

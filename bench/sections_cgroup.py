@@ -1,4 +1,4 @@
-"""Section 8: what the compartment's cgroup adds to one delivery, side by side with rlimits.
+"""Section 9: what the compartment's cgroup adds to one delivery, side by side with rlimits.
 
 The same `filter` delivery through /bin/cat, with limits.enforcement = "cgroup" and "rlimits".
 Two spacings, because on cgroup v1 the child's move into its cgroup takes a lock whose writer
@@ -26,7 +26,7 @@ IN_A_ROW = 10
 
 def cgroup_cost(ctx: Context) -> list[Target]:
     rounds = ctx.sizes.cgroup_rounds
-    measure.heading(f"8. cgroup cost per delivery: limits.enforcement cgroup vs rlimits "
+    measure.heading(f"9. cgroup cost per delivery: limits.enforcement cgroup vs rlimits "
                    f"({rounds} rounds interleaved, then {rounds // IN_A_ROW} rounds of "
                    f"{IN_A_ROW} in a row)")
     targets = [Target("cgroup cost per delivery, in a row", None, TARGET_MS, False, " ms"),

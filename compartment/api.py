@@ -61,8 +61,7 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
             learner: Learner | None = None) -> tuple[Result, bytes]:
     """One run without telling anyone: the Result and what the agent said on stderr.
     `learner` is for `compartment learn` only (compartment.learn)."""
-    named = agent_exit_codes or policy.exit.agent_codes
-    agent = caller if named == "caller" else Convention(named)
+    agent = agent_convention(policy, caller, agent_exit_codes)
     started = time.monotonic()
     watch: Watch | None = None
     try:
@@ -81,6 +80,13 @@ def execute(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         result = failure(Outcome.INTERNAL_ERROR, f"internal error: {type(err).__name__}: {err}",
                          policy.name, argv, caller, started)
     return result, bytes(watch.diagnostics) if watch else b""
+
+
+def agent_convention(policy: Policy, caller: Convention, named: str | None = None) -> Convention:
+    """The convention the agent's own status speaks: as named (--agent-exit-codes), else the
+    policy's; "caller" is the caller's own."""
+    named = named or policy.exit.agent_codes
+    return caller if named == "caller" else Convention(named)
 
 
 def unopened(fds: tuple[int, int, int]) -> str:
@@ -107,18 +113,23 @@ def failure(outcome: Outcome, reason: str, policy_name: str, argv: Sequence[str]
 
 def finish(result: Result, stderr_fd: int, agent_diagnostics: bytes, report_path: str,
            caller: Convention) -> None:
-    """Tell the caller: the reason line first (MTAs read the first line), then what the agent
-    said, all under 4 KiB; then the report line."""
+    """Tell the caller: the reason line, what the agent said, the report line."""
+    problem = append(report_path, result) if report_path else None
+    _tell(stderr_fd, stderr_text(result, agent_diagnostics, caller, problem))
+
+
+def stderr_text(result: Result, agent_diagnostics: bytes, caller: Convention,
+                problem: str | None = None) -> bytes:
+    """What the caller's stderr gets, all under 4 KiB: the reason line first (MTAs read the
+    first line), then what the agent said, then why the report could not be written."""
     text = b""
     if _said_by_runner(result):
         permanent = result.exit_status in (77, 100)
         text = diagnostic_line(result.outcome, result.reason, caller, permanent).encode()
     text = (text + agent_diagnostics)[:DIAGNOSTIC_BYTES - 1]
-    if report_path:
-        problem = append(report_path, result)
-        if problem:
-            text = text[:DIAGNOSTIC_BYTES - 200] + f"compartment: {problem}\n".encode()[:200]
-    _tell(stderr_fd, text)
+    if problem:
+        text = text[:DIAGNOSTIC_BYTES - 200] + f"compartment: {problem}\n".encode()[:200]
+    return text
 
 
 def _said_by_runner(result: Result) -> bool:

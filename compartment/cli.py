@@ -3,8 +3,11 @@
     compartment run [-p POLICY] [--exit-codes sysexits|qmail]
                     [--agent-exit-codes caller|sysexits|qmail]
                     [--report PATH] [--set KEY=VALUE]... -- PROGRAM [ARG...]
-    compartment check [-p POLICY] [--set KEY=VALUE]...
+    compartment check [-p POLICY] [--set KEY=VALUE]... | compartment check --serve PATH
     compartment policies
+    compartment serve [--config PATH] [--socket PATH] [--log syslog|stderr]
+    compartment submit [the options of run] [--fd N]... [--socket PATH] -- PROGRAM [ARG...]
+    compartment status [--socket PATH]
     compartment pyfilter [RUN OPTIONS] [--output PATH | --reinject ...] [--] MODULE:FUNCTION
     compartment learn | audit ...     (the policy tools: compartment.policy_tools)
 
@@ -91,6 +94,21 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"a shipped policy name or a TOML file (default: {default})")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override one policy key, e.g. limits.cpu_seconds=10")
+    serve = commands.add_parser("serve", help="the resident supervisor (as root): run the "
+                                "requests of compartment submit")
+    serve.add_argument("--config", default="/etc/compartment/serve.toml", metavar="PATH",
+                       help="the server configuration (default: /etc/compartment/serve.toml)")
+    serve.add_argument("--log", choices=("syslog", "stderr"), default="syslog",
+                       help="where the log lines go (default: syslog, mail facility)")
+    serve.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="for a client to send its request once connected (default: 10)")
+    status = commands.add_parser("status", help="the resident supervisor's live compartments, "
+                                 "counts and latency")
+    for sub in (serve, status):
+        sub.add_argument("--socket", default="/run/compartment/socket", metavar="PATH",
+                         help="the daemon's socket (default: /run/compartment/socket)")
+    check.add_argument("--serve", metavar="PATH", help="validate a server configuration "
+                       "instead, and print it resolved")
     for sub in (run, filt, pyf):
         sub.delivery = True  # type: ignore[attr-defined]
         sub.add_argument("--exit-codes", choices=("sysexits", "qmail"), default="sysexits",
@@ -129,6 +147,11 @@ def command() -> NoReturn:
 def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()) -> int:
     """`closed`: which of descriptors 0, 1, 2 the caller left closed (now placeholders)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["submit"]:  # its own parser: the one bin/compartment runs directly
+        from compartment.client import command as submit
+
+        sys.argv[1:] = args_list
+        submit()
     if args_list[:1] in (["learn"], ["audit"]):  # policy tools, with parsers of their own
         from compartment.policy_tools import main as tool
 
@@ -145,8 +168,49 @@ def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()
     if args.command == "policies":
         return _policies()
     if args.command == "check":
-        return _check(args)
+        return _check_serve(args.serve) if args.serve else _check(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        from compartment.client import status
+
+        return status(args.socket)
     return _run(args, stdin_closed=0 in closed)  # run, filter and pyfilter
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from compartment.serveconfig import ConfigError
+    from compartment.server import Server
+    from compartment.serverlog import Log
+
+    if os.geteuid() != 0:
+        say("compartment serve: must be started as root (it runs each delivery under a "
+            "uid of its own)\n")
+        return EX_CONFIG
+    try:
+        server = Server(args.config, args.socket, Log(args.log), args.request_timeout)
+    except (ConfigError, OSError) as err:
+        say(f"compartment serve: {err}\n")
+        return EX_CONFIG
+    return server.run()
+
+
+def _check_serve(path: str) -> int:
+    from compartment import serveconfig
+    from compartment.policy import Policy, PolicyError
+
+    try:
+        config = serveconfig.load(path)
+        for rule in config.rules:
+            for name in rule.policies:
+                # As a peer would use it: a policy that runs as the mailbox's owner needs the
+                # writable directory a request gives; any will do to check the rest.
+                Policy.load(name, ["filesystem.writable=/var/mail"])
+    except (serveconfig.ConfigError, PolicyError, OSError) as err:
+        say(f"compartment check: {err}\n")
+        return EX_CONFIG
+    sys.stdout.write(config.describe())
+    return 0
 
 
 def say(text: str) -> None:

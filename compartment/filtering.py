@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from compartment import message
+from compartment import message, paths
 from compartment.api import execute, failure, finish, unopened
 from compartment.exits import Convention, Outcome, runner_status
 from compartment.policy import Policy
@@ -143,18 +143,29 @@ def _hand_on(fd: int, output: str | None, reinject: Sequence[str] | None, sendma
 
 
 def _write_aside(fd: int, path: str) -> str:
-    """Write to PATH.tmp-PID, fsync, rename: PATH is whole or absent, never half-written."""
-    aside = f"{path}.tmp-{os.getpid()}"
+    """Write to PATH.tmp-PID, fsync, rename: PATH is whole or absent, never half-written.  The
+    directory is reached through no link but a trusted owner's (compartment.paths), and both
+    names are used relative to it: a link planted on the way cannot send root's write
+    elsewhere."""
+    directory_path, name = os.path.split(os.path.abspath(path))
+    aside = f"{name}.tmp-{os.getpid()}"
     try:
-        out = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        directory = paths.open_path(directory_path, trusted=paths.trusted_owners())
+    except paths.PathError as err:
+        return f"cannot write {path}: {err.why}"
+    try:
+        out = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                      os.O_CLOEXEC, 0o600, dir_fd=directory)
         try:
             message.copy(fd, out)
             os.fsync(out)
         finally:
             os.close(out)
-        os.rename(aside, path)
+        os.rename(aside, name, src_dir_fd=directory, dst_dir_fd=directory)
     except (OSError, message.MessageError) as err:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(aside)
+            os.unlink(aside, dir_fd=directory)
         return f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
+    finally:
+        os.close(directory)
     return ""

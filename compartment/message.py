@@ -121,24 +121,64 @@ def spool_copy(fd: int, mode: str, max_bytes: int) -> int:
     ("memfd") or writable ("file"), memory charged to whoever fills it; or ("disk") an
     unlinked file under /var/tmp for the supervisor's own keeping (the filter's original),
     of which the agent is only ever shown a read-only open."""
-    if mode == "disk":
-        spool = os.open("/var/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    else:
-        spool = os.memfd_create("message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    spool = Spool(fd, mode, max_bytes)
     try:
-        copy(fd, spool, max_bytes)
-        if mode != "memfd":
-            os.lseek(spool, 0, os.SEEK_SET)
-            return spool
-        fcntl.fcntl(spool, fcntl.F_ADD_SEALS, _SEALS)
-        # A read-only descriptor of its own, with its own offset at 0: the write seal stops
-        # writes, the read-only open stops even an attempt.
-        read_only_spool = reopen_read_only(spool)
+        copy(fd, spool.fd, max_bytes)
     except BaseException:
-        os.close(spool)
+        spool.close()
         raise
-    os.close(spool)
-    return read_only_spool
+    return spool.finish()
+
+
+class Spool:
+    """A new spool for the message (see spool_copy).  copy() fills it at once; step() a
+    little at a time without ever blocking, for the resident supervisor's loop (a pipe is read
+    with SPLICE_F_NONBLOCK, a file by chunks).  finish() gives the descriptor the agent reads:
+    sealed read-only for "memfd", rewound otherwise."""
+
+    def __init__(self, source: int, mode: str, max_bytes: int) -> None:
+        self.source, self.mode, self.max_bytes, self.total = source, mode, max_bytes, 0
+        self.pipe = stat.S_ISFIFO(os.fstat(source).st_mode)
+        if mode == "disk":
+            self.fd = os.open("/var/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        else:
+            self.fd = os.memfd_create("message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+    def step(self) -> bool:
+        """Move what the source has now, up to a chunk; True once it is all in."""
+        try:
+            if self.pipe:
+                moved = os.splice(self.source, self.fd, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
+            else:
+                moved = os.sendfile(self.fd, self.source, None, _CHUNK)
+        except BlockingIOError:
+            return False  # a pipe with nothing in it yet
+        except OSError as err:
+            raise MessageError(f"cannot copy the message: {err.strerror}") from None
+        self.total += moved
+        if self.total > self.max_bytes:
+            raise MessageError(f"the message is larger than message.max_bytes "
+                               f"({self.max_bytes})")
+        return moved == 0
+
+    def finish(self) -> int:
+        """The agent's descriptor; this spool's own is closed (or handed over)."""
+        if self.mode != "memfd":
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            handed, self.fd = self.fd, -1
+            return handed
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            # A read-only descriptor of its own, with its own offset at 0: the write seal stops
+            # writes, the read-only open stops even an attempt.
+            return reopen_read_only(self.fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def sealed(data: bytes | bytearray | memoryview) -> int:

@@ -22,7 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from compartment import syscalls
-from compartment.policy import Filesystem
+
+TYPE_CHECKING = False  # the spawner imports this module, and must not import the loader
+if TYPE_CHECKING:
+    from compartment.policy import Filesystem
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 

@@ -5,22 +5,21 @@ a seccomp notification from the kernel) and the wait status.
 
 Life cycle of one run (all in one thread, which is required for clone()):
 prepare (policy -> plan, uid lease, compiled filter, cgroup, pipes) -> clone -> watch (pidfd,
-status socket, seccomp listener, output pipes, deadline, CPU used) -> reap -> cgroup removed ->
-classify -> report.
+status socket, seccomp listener, output pipes, deadline, CPU used) -> reap -> cgroup removed,
+uid released -> classify -> report.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from compartment import cgroups, paths, rootfs, syscall_filter, syscalls, uidpool
-from compartment.confine import Plan, filesystem, namespaces, rlimits, run_child, scope
+from compartment.confine import Plan, filesystem, namespaces, rlimits, scope, start
 from compartment.policy import Policy
 from compartment.watch import Watch
 
@@ -46,30 +45,98 @@ class Prepared:
     def close_paths(self) -> None:
         close_all(self.opened, self.trees)
 
+    def release(self) -> None:
+        """Once the compartment's init is reaped: its cgroup goes, then its uid.  Idempotent.
+        If the cgroup still held processes after SIGKILL (something escaped the pid
+        namespace) this raises, and the uid stays leased, dirty, never reused as clean."""
+        cgroup, lease = self.cgroup, self.lease
+        self.cgroup = self.lease = None
+        if cgroup:
+            cgroup.retire()
+        if lease:
+            lease.release()
+
+
+# Opens the program (argv[0], the search path) and the paths a policy names: (program, path ->
+# descriptor).  The default opens them as this process may; the resident supervisor's opens
+# those a peer named as that peer may (compartment.authorize).
+Opener = Callable[[str, str, Policy], tuple[str, dict[str, int]]]
+
 
 def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
-            env: Mapping[str, str] | None) -> Prepared:
+            env: Mapping[str, str] | None, opener: Opener | None = None) -> Prepared:
     """Parent side, before clone: everything the child needs, checked here where errors are
     cheap and precise."""
+    stdin_offset, agent_env, search = _request(argv, policy, fds, env)
+    program, opened = (opener or _open_paths)(argv[0], search, policy)
+    prepared = _compartment(policy, program, opened)
+    prepared.plan = replace(prepared.plan, argv=tuple(argv), env=agent_env)
+    prepared.stdin_fd, prepared.stdin_offset = fds[0], stdin_offset
+    return prepared
+
+
+def prepare_ahead(policy: Policy) -> Prepared:
+    """The resident supervisor's compartment prepared before its request: what no request
+    changes (the policy's named paths, the root without the program, the filter, a pool uid
+    leased for it), in a plan that waits for the request's part (confine.commit)."""
+    return _compartment(policy, None, open_named(policy), commit=True)
+
+
+class NotShown(ConfigError):
+    """A compartment prepared ahead shows only the system's directories and the policy's
+    paths: a program elsewhere needs a root of its own (prepare)."""
+
+
+def commit_request(ahead: Prepared, argv: Sequence[str], policy: Policy,
+                   fds: tuple[int, int, int], env: Mapping[str, str] | None,
+                   opener: Opener | None = None) -> Prepared:
+    """The request's part of a compartment prepared ahead, as prepare makes it: stdin, the
+    environment, the program opened by `opener` (and run by its path in a root of root's own
+    directories, which must show it)."""
+    stdin_offset, agent_env, search = _request(argv, policy, fds, env)
+    bare = replace(policy, filesystem=replace(policy.filesystem, readable=(), writable=()))
+    program, opened = (opener or _open_paths)(argv[0], search, bare)
+    try:
+        if not ahead.plan.filesystem.shows(program):
+            raise NotShown(f"program {program}: not in the prepared root")
+        _check_interpreter(program, opened[program], ahead.plan.filesystem)
+    finally:
+        close_all(opened)
+    plan = replace(ahead.plan, program=program, argv=tuple(argv), env=agent_env)
+    return replace(ahead, plan=plan, stdin_fd=fds[0], stdin_offset=stdin_offset)
+
+
+def _request(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
+             env: Mapping[str, str] | None) -> tuple[int | None, dict[str, str], str]:
+    """What the request brings: stdin's offset, the agent's environment, its search path."""
     if not argv:
         raise ConfigError("no program given")
-    stdin_fd = fds[0]
-    stdin_offset = _stdin_offset(stdin_fd)
+    stdin_offset = _stdin_offset(fds[0])
     agent_env = dict(policy.environment.set)
     source_env = os.environ if env is None else env
     agent_env.update((name, source_env[name]) for name in policy.environment.pass_
                      if name in source_env)
     for fd in policy.descriptors.pass_:
         _require_open(fd, f"descriptors.pass: descriptor {fd}")
+    return stdin_offset, agent_env, agent_env.get("PATH", "/usr/bin:/bin")
+
+
+def _compartment(policy: Policy, program: str | None, opened: dict[str, int],
+                 commit: bool = False) -> Prepared:
+    """What the policy (and the program, when known) decide: the root, the filter, the ids.
+    Takes `opened` over: closed here on failure, by the caller after the clone otherwise."""
     unprivileged = os.geteuid() != 0
-    use_cgroup = uses_cgroup(policy.limits.enforcement, unprivileged)
-    last_cap = syscalls.cap_last_cap()
-    rlimit_plan = rlimits.plan(policy.limits, use_cgroup)
-    program, opened = _open_paths(argv[0], agent_env.get("PATH", "/usr/bin:/bin"), policy)
+    try:
+        use_cgroup = uses_cgroup(policy.limits.enforcement, unprivileged)
+    except ConfigError:
+        close_all(opened)
+        raise
+    last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits, use_cgroup)
     trees: list[int] = []
     try:
         fs = rootfs.plan(policy.filesystem, program, opened)
-        _check_interpreter(program, opened[program], fs)
+        if program:
+            _check_interpreter(program, opened[program], fs)
         if not unprivileged:
             fs, trees = filesystem.prepare(fs)
         compiled = syscall_filter.compile_filter(policy.seccomp, policy.network)
@@ -88,12 +155,11 @@ def prepare(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         raise
     plan = Plan(unprivileged=unprivileged, cgroup_procs=cgroup.procs_fds if cgroup else (),
                 cgroup_fd=cgroup.clone_fd if cgroup else -1,
-                hostname=f"compartment-{os.urandom(4).hex()}.invalid",
-                network=network, uid=uid, gid=gid, filesystem=fs,
-                last_cap=last_cap, rlimits=rlimit_plan,
-                seccomp=compiled.prepared, handed=(), program=program, argv=tuple(argv),
-                env=agent_env)
-    return Prepared(plan, compiled, lease, stdin_fd, stdin_offset, opened, trees, cgroup)
+                hostname=f"compartment-{os.urandom(4).hex()}.invalid", network=network,
+                uid=uid, gid=gid, filesystem=fs, last_cap=last_cap, rlimits=rlimit_plan,
+                seccomp=compiled.prepared, handed=(), program=program or "", argv=(), env={},
+                commit=commit)
+    return Prepared(plan, compiled, lease, -1, None, opened, trees, cgroup)
 
 
 def open_named(policy: Policy) -> dict[str, int]:
@@ -144,7 +210,7 @@ def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, 
     """The program and every named path, each opened once: (program, path -> descriptor)."""
     opened = open_named(policy)
     try:
-        program, program_fd = _resolve(name, search)
+        program, program_fd = resolve(name, search)
     except BaseException:
         close_all(opened)
         raise
@@ -158,16 +224,8 @@ def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, 
 def spawn(plan: Plan) -> tuple[int, socket.socket]:
     """Clone the child into its namespaces; returns its pid and our end of the status socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    # No garbage collection may run a finaliser between clone and exec in the child.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
-        flags = namespaces.clone_flags(plan.unprivileged, plan.network is None)
-        pid = syscalls.clone_into_cgroup(flags, plan.cgroup_fd) if plan.cgroup_fd >= 0 \
-            else syscalls.clone(flags)
-        if pid == 0:
-            ours.close()
-            run_child(plan, theirs)  # never returns
+        pid = start(plan, theirs)
     except OSError as err:
         ours.close()
         if plan.unprivileged:
@@ -177,8 +235,6 @@ def spawn(plan: Plan) -> tuple[int, socket.socket]:
         raise
     finally:
         theirs.close()
-        if gc_was_enabled:
-            gc.enable()
     return pid, ours
 
 
@@ -205,12 +261,8 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         finally:
             watch.close()
     finally:
-        # After close(): the init has been reaped, so nothing of the compartment is left.  (If
-        # removing the cgroup finds survivors it raises, and the uid stays leased, dirty.)
-        if prepared.cgroup:
-            prepared.cgroup.retire()
-        if prepared.lease:
-            prepared.lease.release()
+        # After close(): the init has been reaped, so nothing of the compartment is left.
+        prepared.release()
     return watch, prepared
 
 
@@ -230,7 +282,7 @@ def uses_cgroup(enforcement: str, unprivileged: bool) -> bool:
 
 
 def _cgroup(policy: Policy, lease: uidpool.Lease | None) -> cgroups.Cgroup:
-    """Made last in prepare(): nothing after it can fail before supervise() removes it."""
+    """Made last in the preparation: nothing after it can fail before it is released."""
     try:
         return cgroups.create(policy.limits)
     except (cgroups.Unavailable, OSError) as err:
@@ -261,9 +313,10 @@ def _identity(policy: Policy, unprivileged: bool,
     return int(ident.uid), int(ident.gid), None
 
 
-def _resolve(name: str, search: str) -> tuple[str, int]:
-    """The program's path and an O_PATH descriptor of it, opened once (compartment.paths).  A
-    name without a slash is looked for on the policy's PATH, the system's own directories."""
+def resolve(name: str, search: str, trusted: Collection[int] | None = None) -> tuple[str, int]:
+    """The program's path and an O_PATH descriptor of it, opened once (compartment.paths),
+    following only links `trusted` uids own (default: paths.trusted_owners()).  A name without
+    a slash is looked for on the policy's PATH, the system's own directories."""
     found = name if "/" in name else next(
         (os.path.join(d, name) for d in search.split(":")
          if os.access(os.path.join(d, name), os.X_OK)), None)
@@ -272,7 +325,8 @@ def _resolve(name: str, search: str) -> tuple[str, int]:
                           f"the policy's PATH {search})")
     program = os.path.normpath(found)
     try:
-        fd = paths.open_path(program, trusted=paths.trusted_owners())
+        fd = paths.open_path(program, trusted=paths.trusted_owners() if trusted is None
+                             else trusted)
     except paths.PathError as err:
         raise ConfigError(f"program {err}") from None
     info = os.fstat(fd)

@@ -34,6 +34,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_INTO_CGROUP = 0x200000000  # clone3 only (Linux 5.7)
+CLONE_PARENT = 0x00008000  # the child's parent is the caller's parent (the spawner's daemon)
 SIGCHLD = 17
 
 # mount(2) flags (linux/mount.h).
@@ -178,6 +179,7 @@ class PreparedFilter:
     def __init__(self, bpf: bytes) -> None:
         if len(bpf) % 8 or not bpf:
             raise ValueError("a BPF program is a non-empty array of 8-byte instructions")
+        self.bpf = bpf
         self._buffer = ctypes.create_string_buffer(bpf, len(bpf))
         self._prog = SockFprog(len(bpf) // 8, ctypes.addressof(self._buffer))
 
@@ -232,6 +234,17 @@ def capget() -> dict[str, int]:
     _check(_capget(ctypes.byref(header), data), "capget")
     return {name: getattr(data[0], name) | getattr(data[1], name) << 32
             for name in ("effective", "permitted", "inheritable")}
+
+
+def setfsuid(uid: int) -> int:
+    """The filesystem uid of the calling thread; returns the previous one.  The call reports no
+    error, so callers read it back: setfsuid(-1) changes nothing and returns the current one."""
+    return _libc.setfsuid(ctypes.c_int(uid))
+
+
+def setfsgid(gid: int) -> int:
+    """As setfsuid, for the filesystem gid."""
+    return _libc.setfsgid(ctypes.c_int(gid))
 
 
 def unshare(flags: int) -> None:

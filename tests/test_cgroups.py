@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from agentrun import PYTHON, run_agent
+from serving import Daemon
 
 from compartment import Outcome, Policy, cgroup_hierarchies, cgroups, syscalls
 from compartment.confine import cgroup as cgroup_step
@@ -299,6 +300,23 @@ def test_cgroups_of_a_killed_supervisor_are_swept(tmp_path):
     assert all(os.path.isdir(d) for d in left)
     subprocess.run([*CLI, "run", "--", "/bin/true"], stdin=subprocess.DEVNULL, check=True)
     assert [d for d in left if os.path.exists(d)] == []
+
+
+def test_the_resident_supervisors_compartments_have_their_cgroup():
+    """compartment serve: its compartments (prepared for their request, or ahead of it) are
+    limited and counted the same, and it leaves no cgroup when it stops."""
+    served = Daemon().start()
+    try:
+        for _ in range(2):  # the second one of each policy was prepared ahead
+            bomb = served.submit([PYTHON, "-I", "-c", HEAP], ["--set=limits.memory_bytes=64M"])
+            assert bomb.status == 75, served.log()
+            assert b"used its 64 MiB of memory (limits.memory_bytes)" in bomb.stderr
+            spent = served.submit([PYTHON, "-I", "-c", SERIAL_CPU],
+                                  ["--set=limits.cpu_seconds=1"])
+            assert spent.status == 75 and b"used its 1 s of CPU" in spent.stderr
+    finally:
+        assert served.stop() == 0
+    assert _mine(served.process.pid) == []
 
 
 def test_remove_kills_what_is_left():

@@ -301,12 +301,14 @@ def test_one_file_for_stdout_and_stderr_keeps_all_output(tmp_path):
     assert result.outcome is Outcome.OK and result.bytes_out == len(message)
 
 
-def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path):
-    """The agent's output goes to a pipe nobody drains: the deadline must still fire."""
+@pytest.mark.parametrize("size", [8 << 20, 512 << 10])
+def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path, size):
+    """The agent's output goes to a pipe nobody drains: the deadline must still fire, also when
+    the agent has exited and its last output (512 KiB fit in the agent's pipe) waits for room."""
     report = tmp_path / "r.jsonl"
     cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--set",
                             "limits.wall_timeout_s=0.5", "--", PYTHON, "-c",
-                            "import sys; sys.stdout.buffer.write(b'x' * (8 << 20))"],
+                            f"import sys; sys.stdout.buffer.write(b'x' * {size})"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL)
     try:
@@ -317,6 +319,27 @@ def test_a_caller_that_stops_reading_does_not_stop_the_deadline(tmp_path):
     record = json.loads(report.read_text())
     assert (status, record["outcome"]) == (75, "timeout")
     assert record["wall_s"] < 2
+
+
+def test_a_caller_that_stops_reading_one_pipe_for_both_streams(tmp_path):
+    """Postfix's way: one pipe for stdout and stderr.  Output past the diagnostics spills to
+    it; while nobody reads it, the deadline still fires (the spill used to block the watch
+    until the caller read again, here 3 s later)."""
+    report = tmp_path / "r.jsonl"
+    cli = subprocess.Popen([*CLI, "run", "--report", str(report), "--set",
+                            "limits.wall_timeout_s=0.5", "--", PYTHON, "-c",
+                            "import sys, time; out = sys.stdout.buffer; out.write(b'x' * 100);"
+                            "out.flush(); time.sleep(0.1); out.write(b'x' * (1 << 20))"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)
+        cli.communicate(timeout=20)  # now read: the reason line waits in the pipe too
+    finally:
+        cli.kill()
+    record = json.loads(report.read_text())
+    assert (cli.returncode, record["outcome"]) == (75, "timeout")
+    assert record["wall_s"] < 1.5
 
 
 def test_output_through_a_slow_pipe_arrives_whole():

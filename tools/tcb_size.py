@@ -6,6 +6,7 @@ in the child before exec, without blank lines, comments and docstrings.
 
 from __future__ import annotations
 
+import ast
 import io
 import sys
 import tokenize
@@ -25,8 +26,55 @@ TOOL_DIRS = {"learn"}
 
 
 def is_tool(path: Path) -> bool:
+    if ROOT not in path.parents:
+        return False  # bin/compartment
     relative = path.relative_to(ROOT)
     return relative.name in TOOLS or relative.parts[0] in TOOL_DIRS
+# The resident supervisor's own modules (compartment serve), privileged: the daemon's loop and
+# request handling, the spawner, the wire format's decoder, authorization, its configuration.
+DAEMON = {"server.py", "connection.py", "listening.py", "ahead.py", "spawner.py", "protocol.py",
+          "authorize.py", "serveconfig.py", "serverlog.py"}
+# Unprivileged: the submit client runs as the MTA's user (it shares protocol.py's encoder).
+CLIENT = {"client.py"}
+DAEMON_ENTRY = ("server.py", "spawner.py")  # and cli.py, whose other commands it does not run
+
+
+def imported(path: Path) -> set[Path]:
+    """The compartment modules a module imports, anywhere in it (top level or in functions)."""
+    found = set()
+    for node in _walk(ast.parse(path.read_text())):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "compartment":
+                continue
+            base = ROOT.joinpath(*parts[1:])
+            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                if candidate.is_file():
+                    found.add(candidate)
+    return found
+
+
+def _walk(node: ast.AST) -> list[ast.AST]:
+    """Every node, but those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+            node.test.id == "TYPE_CHECKING":
+        return []
+    return [node] + [n for child in ast.iter_child_nodes(node) for n in _walk(child)]
+
+
+def closure(entries: list[Path]) -> set[Path]:
+    seen: set[Path] = set()
+    todo = list(entries)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += imported(path) | ({path.parent / "__init__.py"} - {path})
+    return seen
 
 
 def code_lines(path: Path) -> int:
@@ -51,16 +99,27 @@ def shell_lines(path: Path) -> int:
 
 def main() -> int:
     files = sorted(ROOT.rglob("*.py"))
-    core = {f: code_lines(f) for f in files if f.name not in LOADER and not is_tool(f)}
+    counts = {f: code_lines(f) for f in files}
     command = ROOT.parent / "bin" / "compartment"  # the shell in front of the CLI
-    core[command] = shell_lines(command)
-    loader = {f: code_lines(f) for f in files if f.name in LOADER}
-    tools = {f: code_lines(f) for f in files if is_tool(f)}
-    for path, count in {**core, **loader, **tools}.items():
-        print(f"{count:6d}  {path.relative_to(ROOT.parent)}")
-    print(f"{sum(core.values()):6d}  trusted core (supervisor, confinement, CLI glue)")
-    print(f"{sum(loader.values()):6d}  policy loader and its compilers (syscall filter, root plan)")
-    print(f"{sum(tools.values()):6d}  policy tools (learn, audit): not on the delivery path")
+    counts[command] = shell_lines(command)
+    in_daemon = closure([ROOT / name for name in DAEMON_ENTRY]) | {ROOT / "cli.py", command}
+    for path, count in counts.items():
+        side = "client, unprivileged" if path.name in CLIENT else \
+            "daemon" if path in in_daemon else "tool" if is_tool(path) else ""
+        print(f"{count:6d}  {path.relative_to(ROOT.parent)}" + (f"  ({side})" if side else ""))
+    groups = {"trusted core (supervisor, confinement, CLI glue)":
+              lambda p: p.name not in LOADER | DAEMON | CLIENT and not is_tool(p),
+              "policy loader and its compilers (syscall filter, root plan)":
+              lambda p: p.name in LOADER,
+              "policy tools (learn, audit): not on the delivery path": is_tool,
+              "resident supervisor's own modules (server, connection, listening, ahead, "
+              "spawner, protocol, authorization, config, log)": lambda p: p.name in DAEMON,
+              "everything privileged in the resident supervisor's processes (all of the "
+              "above it imports)": lambda p: p in in_daemon,
+              "submit client (unprivileged)": lambda p: p.name in CLIENT}
+    print()
+    for title, member in groups.items():
+        print(f"{sum(c for p, c in counts.items() if member(p)):6d}  {title}")
     return 0
 
 

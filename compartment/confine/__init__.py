@@ -22,6 +22,9 @@ order, and why:
 9. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
 10. scope        a Landlock domain that keeps abstract sockets to the compartment, when the
                  network namespace is shared: needs no_new_privs.
+   (commit)      a compartment the resident supervisor prepared ahead waits here for its
+                 request's part: the descriptors, program, argv and environment (commit.py).
+                 Everything above depends on the policy alone; everything below on the request.
 11. descriptors  0/1/2 and extras placed, the rest close on exec.
 12. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
                  only waits; the agent is pid 2, an ordinary process: its own session, no
@@ -71,6 +74,7 @@ waits for its input.  Its order, with what differs from the above:
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 from collections.abc import Sequence
@@ -82,6 +86,7 @@ from compartment import rootfs, syscalls
 from compartment.confine import (
     capabilities,
     cgroup,
+    commit,
     credentials,
     descriptors,
     filesystem,
@@ -119,6 +124,7 @@ class Plan:
     program: str
     argv: Sequence[str]
     env: dict[str, str]
+    commit: bool = False  # prepared ahead: handed, program, argv and env come on `status`
 
 
 def enter(plan: Plan, status: socket.socket) -> None:
@@ -130,9 +136,11 @@ def enter(plan: Plan, status: socket.socket) -> None:
     credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
     capabilities.drop_all(plan.last_cap)
     rlimits.enter(plan.rlimits)
-    session.enter()
+    session.enter(status)
     _no_new_privs()
     scope.enter(plan.network is not None)
+    if plan.commit:
+        plan = commit.receive(plan, status)
     descriptors.enter(plan.handed)
     agent = syscalls.clone(0)
     if agent:
@@ -147,6 +155,26 @@ def enter(plan: Plan, status: socket.socket) -> None:
         hint = " (is it dynamically linked, its loader not in this root?)" \
             if err.errno == errno.ENOENT else ""
         raise fail("exec", "execve", err, plan.program + hint) from None
+
+
+def start(plan: Plan, status: socket.socket, flags: int = 0) -> int:
+    """Parent side: clone the child into its namespaces (and `flags`); it confines itself and
+    execs, reporting on `status`.  Returns its pid.  The caller must be single-threaded."""
+    # No garbage collection may run a finaliser between clone and exec in the child.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        own_network = plan.network is None
+        flags |= namespaces.clone_flags(plan.unprivileged, own_network)
+        # On cgroup v2 the child is born in its compartment's cgroup (cgroups.py).
+        pid = syscalls.clone_into_cgroup(flags, plan.cgroup_fd) if plan.cgroup_fd >= 0 \
+            else syscalls.clone(flags)
+        if pid == 0:
+            run_child(plan, status)  # never returns
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return pid
 
 
 def run_child(plan: Plan, status: socket.socket) -> None:
@@ -192,7 +220,7 @@ def enter_prison(plan: PrisonPlan) -> None:
         credentials.enter(plan.uid, plan.gid, change=not plan.unprivileged)
         capabilities.drop_all(plan.last_cap)
         rlimits.enter(plan.rlimits)
-        session.enter()
+        session.enter(status)
         _no_new_privs()
         descriptors.receive(status, PRISON_INPUT)  # the request: everything above was ahead
         seccomp.enter(plan.seccomp, status)

@@ -5,7 +5,10 @@ unless it handles them, so an agent running as pid 1 would survive its own kill(
 SIGKILL) and go on to exit 0.  Instead the first process, once confined, forks the agent and
 only waits: when the agent ends it sends the agent's wait status to the supervisor as one
 fixed-size record, and it goes on reaping (every orphan of the namespace is its child) until
-no process is left, then exits.  The run is over when the compartment is empty: work the agent
+no process is left, tells the supervisor so with the compartment's CPU time and peak memory (what
+its wait4 would give), and exits; the supervisor can answer at once, and this process's own
+teardown (its address space, the namespaces) happens after.  The run is over when the
+compartment is empty: work the agent
 left to a child (the rest of a filter's output, a delivery written in the background) is
 finished as it would be unconfined, never cut off and reported as done.  The supervisor's
 deadline bounds it: a compartment still busy then is killed whole, and that is a timeout.
@@ -19,12 +22,17 @@ refused), nor change its limits (the agent's filter allows prlimit64 on pid 0 on
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import socket
 import struct
 
 EXIT_RECORD = struct.Struct("8si")
 EXIT_TAG = b"exited"
+# tag, user and system CPU in microseconds, peak resident memory in KiB: the whole compartment's
+EMPTY_RECORD = struct.Struct("8sQQQ")
+EMPTY_TAG = b"empty"
 
 
 def run(agent: int, status: socket.socket) -> None:
@@ -37,7 +45,18 @@ def run(agent: int, status: socket.socket) -> None:
         try:
             pid, wait_status = os.waitpid(-1, 0)
         except ChildProcessError:  # ECHILD: nothing left in the namespace but this process
+            _report_empty(status)
             os._exit(0)
         if pid == agent:
             status.sendmsg([EXIT_RECORD.pack(EXIT_TAG, wait_status)])
             agent = 0  # reported once: a later process given the same pid is not the agent
+
+
+def _report_empty(status: socket.socket) -> None:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record = EMPTY_RECORD.pack(EMPTY_TAG, round((own.ru_utime + reaped.ru_utime) * 1e6),
+                               round((own.ru_stime + reaped.ru_stime) * 1e6),
+                               max(own.ru_maxrss, reaped.ru_maxrss))
+    with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
+        status.sendmsg([record])

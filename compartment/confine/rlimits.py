@@ -20,7 +20,10 @@ import resource
 from collections.abc import Sequence
 
 from compartment.confine.errors import SetupError, fail
-from compartment.policy import Limits
+
+TYPE_CHECKING = False  # the spawner imports this module, and must not import the loader
+if TYPE_CHECKING:
+    from compartment.policy import Limits
 
 STEP = "rlimits"
 _LATE = (resource.RLIMIT_NOFILE, resource.RLIMIT_AS, resource.RLIMIT_NPROC)

@@ -4,7 +4,10 @@ Child side.  setsid() leaves the caller's terminal behind, so TIOCSTI has nothin
 MTAs start pipe commands with signals ignored (Exim ignores SIGHUP, SIGINT, SIGUSR1, SIGTERM;
 Python itself ignores SIGPIPE and SIGXFSZ) and ignored dispositions survive exec, so each is
 reset.  The parent-death signal is set here, after the uid change, because changing credentials
-clears it; as pid 1 of the namespace its death takes every agent process.
+clears it; as pid 1 of the namespace its death takes every agent process.  A supervisor that died
+before it was set sends no signal, so the status socket is looked at next: its other end is the
+supervisor's alone, and hung up means the supervisor is gone (the child then stops there, rather
+than run an agent nobody watches).
 
 `enter` is the init's, before the fork: it also blocks every signal.  A handler the caller
 installed behind the signal module's back (faulthandler's, a C extension's) would otherwise let
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import _signal  # signal's C half: the same calls without an enum made per signal (~0.1 ms)
 import os
+import select
 import signal
+import socket
 
 import prctl
 
@@ -28,7 +33,7 @@ from compartment.confine.errors import fail
 STEP = "session"
 
 
-def enter() -> None:
+def enter(status: socket.socket) -> None:
     try:
         os.setsid()
         default_dispositions()
@@ -37,6 +42,15 @@ def enter() -> None:
         prctl.set_dumpable(0)
     except (OSError, ValueError) as err:
         raise fail(STEP, "setsid", err if isinstance(err, OSError) else 0, str(err)) from None
+    supervisor_alive(status)
+
+
+def supervisor_alive(status: socket.socket) -> None:
+    """After the parent-death signal is set: the supervisor did not die before it was."""
+    poller = select.poll()
+    poller.register(status.fileno(), select.POLLRDHUP)
+    if poller.poll(0):
+        os._exit(1)  # nobody to tell: the status socket's other end is gone
 
 
 def agent() -> None:

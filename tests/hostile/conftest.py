@@ -62,9 +62,30 @@ def case_dir(hostile_root: Path) -> Iterator[Path]:
     remove_tree(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def through_the_daemon() -> Iterator[None]:
+    """HOSTILE_VIA=serve: every case through a `compartment serve` of the session's own."""
+    if os.environ.get("HOSTILE_VIA") != "serve" or hostile_skip_reason():
+        yield
+        return
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    import hostile_run
+    from serving import Daemon
+
+    hostile_run.SERVE = Daemon().start()
+    try:
+        yield
+    finally:
+        hostile_run.SERVE.stop()
+        hostile_run.SERVE = None
+
+
 @pytest.fixture(scope="session")
 def unprivileged_reason() -> str | None:
     """Why the "@nobody" cases cannot run (unprivileged mode needs user namespaces), or None."""
+    if os.environ.get("HOSTILE_VIA") == "serve":
+        return ("through compartment serve every peer's compartment is a root one: the @nobody "
+                "cases test the unprivileged mode, which the daemon does not have")
     done = subprocess.run([sys.executable, "-m", "compartment", "run", "-p", "filter", "--",
                            "/bin/true"], stdin=subprocess.DEVNULL, capture_output=True,
                           user=NOBODY, group=NOBODY, extra_groups=[], cwd="/", timeout=60,

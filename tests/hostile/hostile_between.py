@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostile_evidence import CANARY_UID, NOBODY, Outside, kill_survivors, survivors
-from hostile_run import Case, CaseRun, Expect, Verdict, cli_command, observe_cli, overrides_for
+from hostile_run import (
+    Case,
+    CaseRun,
+    Expect,
+    Verdict,
+    cli_command,
+    daemon_alive,
+    observe_cli,
+    overrides_for,
+)
 
 HOLD_S = 3
 OWN_STATUS = Expect(frozenset({0, 75}), frozenset({"ok", "agent-failed"}))
@@ -109,9 +118,11 @@ def run_pair(pair: Pair, case_dir: Path, bin_dir: Path) -> Verdict:
     os.chmod(shared_dir / "lockfile", 0o644)
     run = CaseRun(case, outside, bin_dir, case_dir / "mail", case_dir / "message")
     try:
-        return _judge(pair, case, run)
+        verdict = _judge(pair, case, run)
     finally:
         outside.close()
+    verdict.traces += daemon_alive()
+    return verdict
 
 
 def _start(pair: Pair, run: CaseRun, mode: str, shared: str, side: str) -> tuple[

@@ -4,6 +4,12 @@ exit class (what the caller, an MTA, would do with the status).
 Test side, root.  An agent runs either through the API (`compartment.run`, the supervisor is
 this process) or through the CLI in a child process (when the agent attacks the supervisor
 itself, or the case needs two compartments at once).
+
+Through the resident supervisor (`run_hostile.py --serve`, HOSTILE_VIA=serve for pytest):
+every case is `compartment submit` to a daemon the harness started (`SERVE`), the daemon is the
+supervisor agents attack, and it must be alive after each case.  The "@nobody" cases test the
+unprivileged (user-namespace) mode, which the daemon does not have: every peer's compartment is
+a root one, so they are not run that way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostile_evidence import CANARY_UID, MAIL_UID, NOBODY, Outside, kill_survivors, survivors
+
+SERVE = None  # a tests/serving.Daemon: run every case through it (set by the harness)
 
 TEMPFAIL = 75
 CLASS = "CLASS: "   # prefix of a check's finding that is about the exit class, not an escape
@@ -187,6 +195,11 @@ def run_api(case: Case, run: CaseRun, stdin: int) -> Observed:
 def cli_command(policy: str, overrides: Mapping[str, str], argv: Sequence[str],
                 report: Path) -> list[str]:
     sets = [f"--set={key}={value}" for key, value in overrides.items()]
+    if SERVE is not None:  # the supervisor agents attack is the daemon
+        daemon = str(SERVE.process.pid)
+        return [str(Path(sys.executable).parent / "compartment"), "submit",
+                f"--socket={SERVE.socket}", "-p", policy, f"--report={report}", *sets, "--",
+                *(a.replace("{supervisor}", daemon) for a in argv)]
     return [sys.executable, "-c", _LAUNCH, "run", "-p", policy, f"--report={report}", *sets,
             "--", *argv]
 
@@ -211,7 +224,8 @@ def run_cli(case: Case, run: CaseRun, stdin: int) -> Observed:
     report = reports / "report.jsonl"
     command = cli_command(case.policy, overrides_for(case, run),
                           agent_argv(case, run, "{supervisor}"), report)
-    command[command.index("run") + 1:command.index("run") + 1] = [f"--exit-codes={case.caller}"]
+    after = command.index("-p")
+    command[after:after] = [f"--exit-codes={case.caller}"]
     env = dict(os.environ, HOSTILE_SECRET=run.outside.env_secret, SENDER="sender@example.org")
     ids: dict[str, object] = {}
     if case.user == "nobody":
@@ -250,7 +264,7 @@ def _run_and_judge(case: Case, run: CaseRun) -> Verdict:
         os.fchown(tty_fds[1], NOBODY, -1)
     stdin = tty_fds[1] if tty_fds else os.open(run.stdin_path, os.O_RDONLY)
     try:
-        runner = run_cli if case.via == "cli" or case.user != "root" else run_api
+        runner = run_cli if case.via == "cli" or case.user != "root" or SERVE else run_api
         run.seen = runner(case, run, stdin)
         traces = run.outside.traces(run.seen.stdout + run.seen.stderr)
         wrong = case.expect.judge(run.seen)
@@ -268,4 +282,10 @@ def _run_and_judge(case: Case, run: CaseRun) -> Verdict:
     left = survivors(marker, canaries | {os.getpid()})
     if left:
         kill_survivors(marker, canaries | {os.getpid()})
-    return Verdict(case, traces + left, wrong, run.seen)
+    return Verdict(case, traces + left + daemon_alive(), wrong, run.seen)
+
+
+def daemon_alive() -> list[str]:
+    if SERVE is not None and SERVE.process.poll() is not None:
+        return [f"the daemon died (status {SERVE.process.returncode})"]
+    return []

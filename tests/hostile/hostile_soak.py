@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Soak: many deliveries in a row and from concurrent callers, then look for what was left.
 
-    sudo .venv/bin/python tests/hostile/hostile_soak.py [--deliveries 5000] [--callers 4]
+    sudo .venv/bin/python tests/hostile/hostile_soak.py [--deliveries 5000] [--callers 4] [--serve]
 
 Caller side, root.  Each delivery is `compartment.run(["/bin/cat"], filter)` with a small
 message.  Afterwards this process must hold the same descriptors, have no zombie children and
 the same mounts; no temporary files, no leased uid of the soak's pool and no new /dev/shm entry
 may remain; and the long-running API user's memory must be flat.  Prints one line per problem
 and exits 1 if there is any.
+
+With --serve every delivery is `compartment.submit()` to a `compartment serve` of the soak's
+own, and the same is asked of the daemon too: its descriptors, zombie children, mounts and
+memory, as before and after.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ LEASE_DIR = Path("/run/compartment/uids")
 MESSAGE = b"From: soak@example.org\n\nsoak\n" * 20
 WARM_UP = 20                 # runs before the memory baseline (imports, caches, allocator)
 RSS_GROWTH_LIMIT = 16 << 20  # bytes the API user may grow by after the warm-up
+SERVE_SOCKET = ""  # set: deliveries go through this compartment serve
 
 
 @dataclass
@@ -46,16 +51,18 @@ class Snapshot:
     leases: set[int]
 
     @classmethod
-    def take(cls) -> Snapshot:
+    def take(cls, pid: int | None = None) -> Snapshot:
+        """Of this process, or of another (the daemon)."""
+        proc = Path(f"/proc/{pid or 'self'}")
         fds = {}
-        for name in os.listdir("/proc/self/fd"):
+        for name in os.listdir(proc / "fd"):
             try:
-                fds[name] = os.readlink(f"/proc/self/fd/{name}")
+                fds[name] = os.readlink(proc / "fd" / name)
             except OSError:
                 continue   # the descriptor listdir itself used, closed by now
-        return cls(fds, _zombie_children(), len(Path("/proc/self/mountinfo").read_text()
-                                                    .splitlines()),
-                   set(os.listdir("/dev/shm")), _rss(), set(leased_uids()))
+        return cls(fds, _zombie_children(pid or os.getpid()),
+                   len((proc / "mountinfo").read_text().splitlines()),
+                   set(os.listdir("/dev/shm")), _rss(proc), set(leased_uids()))
 
 
 @dataclass
@@ -64,8 +71,8 @@ class Tally:
     failures: list[str] = field(default_factory=list)
 
 
-def _zombie_children() -> list[str]:
-    me = str(os.getpid())
+def _zombie_children(pid: int) -> list[str]:
+    me = str(pid)
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -79,8 +86,8 @@ def _zombie_children() -> list[str]:
     return found
 
 
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _rss(proc: Path = Path("/proc/self")) -> int:
+    for line in (proc / "status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
@@ -108,15 +115,21 @@ def private_tmp() -> Iterator[Path]:
 def deliver_many(count: int, tally: Tally, rss_after_warm_up: list[int]) -> None:
     import compartment
 
-    policy = compartment.Policy.load(
-        "filter", overrides={"identity.uid_pool": f"{SOAK_POOL[0]}-{SOAK_POOL[1]}",
-                             "limits.wall_timeout_s": "30"})
+    overrides = {"identity.uid_pool": f"{SOAK_POOL[0]}-{SOAK_POOL[1]}",
+                 "limits.wall_timeout_s": "30"}
+    policy = compartment.Policy.load("filter", overrides=overrides)
     with tempfile.TemporaryFile() as message, open(os.devnull, "wb") as sink:
         message.write(MESSAGE)
         for i in range(count):
             message.seek(0)
-            result = compartment.run(["/bin/cat"], policy, stdin=message, stdout=sink,
-                                     stderr=sink)
+            if SERVE_SOCKET:
+                result = compartment.submit(["/bin/cat"], "filter", stdin=message.fileno(),
+                                            stdout=sink.fileno(), stderr=sink.fileno(),
+                                            socket_path=SERVE_SOCKET,
+                                            overrides=[f"{k}={v}" for k, v in overrides.items()])
+            else:
+                result = compartment.run(["/bin/cat"], policy, stdin=message, stdout=sink,
+                                         stderr=sink)
             tally.runs += 1
             if result.exit_status != 0:
                 tally.failures.append(f"run {i}: {result.outcome} {result.reason}")
@@ -198,8 +211,10 @@ def soak(deliveries: int, callers: int) -> tuple[list[str], float, int]:
         tally, rss = Tally(), []
         before = Snapshot.take()
         deliver_many(deliveries, tally, rss)
+        serve = ["--serve-socket", SERVE_SOCKET] if SERVE_SOCKET else []
         workers = [subprocess.Popen([sys.executable, __file__, "--worker",
-                                     str(deliveries // callers), "--pool", str(SOAK_POOL[0])],
+                                     str(deliveries // callers), "--pool", str(SOAK_POOL[0]),
+                                     *serve],
                                     stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=
                                     os.pathsep.join(sys.path)))
                    for _ in range(callers)]
@@ -212,25 +227,69 @@ def soak(deliveries: int, callers: int) -> tuple[list[str], float, int]:
                 continue
             problems += [f"caller {number}: {p}" for p in report["problems"]]
         after = Snapshot.take()
-        problems += compare(before, after, tmp) + tally.failures[:5]
+        # Through the daemon, the uid it prepared ahead is leased: soak_served looks after it.
+        problems += compare(before, after, tmp, leases=not SERVE_SOCKET) + tally.failures[:5]
         growth = after.rss - rss[0] if rss else 0
         if growth > RSS_GROWTH_LIMIT:
             problems.append(f"memory grew {growth >> 20} MiB over {deliveries} runs")
     return problems, time.monotonic() - started, growth
 
 
+def soak_served(deliveries: int, callers: int) -> tuple[list[str], float, int]:
+    """The soak through a daemon of its own; the daemon must be left as it was found."""
+    global SERVE_SOCKET
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from serving import Daemon
+
+    daemon = Daemon().start()
+    SERVE_SOCKET = daemon.socket
+    try:
+        _warm = soak(WARM_UP, 0)  # the daemon's caches and allocator, before its baseline
+        daemon.reload()  # lets go of the compartments it prepared ahead
+        before = _settled(daemon)
+        problems, seconds, growth = soak(deliveries, callers)
+        daemon.reload()
+        after = _settled(daemon)
+    finally:
+        SERVE_SOCKET = ""
+        daemon.stop()
+    with tempfile.TemporaryDirectory() as nothing:  # the daemon's temporary files are none
+        problems += [f"daemon: {p}" for p in compare(before, after, Path(nothing))]
+    if after.rss - before.rss > RSS_GROWTH_LIMIT:
+        problems.append(f"daemon: memory grew {(after.rss - before.rss) >> 20} MiB")
+    if daemon.process.returncode != 0:
+        problems.append(f"daemon: exited {daemon.process.returncode}: {daemon.log()[-500:]}")
+    return problems, seconds, growth
+
+
+def _settled(daemon: object) -> Snapshot:
+    """The daemon's state once what it prepared ahead is gone (killed on a reload, reaped
+    right after): no uid of the soak's pool leased any more."""
+    deadline = time.monotonic() + 10
+    while leased_uids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return Snapshot.take(daemon.process.pid)  # type: ignore[attr-defined]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deliveries", type=int, default=5000)
     parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument("--serve", action="store_true",
+                        help="through a compartment serve of the soak's own")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-socket", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global SERVE_SOCKET, SOAK_POOL
     if args.worker is not None:
-        global SOAK_POOL
         SOAK_POOL = (args.pool, args.pool + 99)   # the parent's window
+        SERVE_SOCKET = args.serve_socket
         return worker(args.worker)
-    problems, seconds, growth = soak(args.deliveries, args.callers)
+    if args.serve:
+        problems, seconds, growth = soak_served(args.deliveries, args.callers)
+    else:
+        problems, seconds, growth = soak(args.deliveries, args.callers)
     for problem in problems:
         print(problem)
     total = args.deliveries + args.callers * (args.deliveries // args.callers)

@@ -21,6 +21,7 @@ from hostile_evidence import MAIL_UID, NOBODY
 from hostile_run import HOSTILE_POOL, MESSAGE
 
 import compartment
+import compartment.filtering
 from compartment import Outcome, Policy, policy, supervisor, syscall_filter
 from compartment.confine import errors, filesystem
 from compartment.rootfs import Entry
@@ -263,3 +264,23 @@ def test_the_report_is_not_appended_to_a_file_with_another_name(case_dir: Path,
     assert result.exit_status == 0 and precious.read_text() == "root's\n"
     assert "other hard links" in (case_dir / "err").read_text()
     assert stat.S_ISREG(os.stat(precious).st_mode)
+
+
+def test_the_filters_output_does_not_go_through_a_planted_link(case_dir: Path) -> None:
+    """Root writes the new message aside and renames it into place: a directory on the way
+    that a user swapped for a link to root's own must not receive it."""
+    protected = case_dir / "etc"
+    protected.mkdir(mode=0o755)
+    spool = mailbox(case_dir / "alice", MAIL_UID)
+    spool.chmod(0o755)
+    os.symlink(protected, spool / "out")
+    os.lchown(spool / "out", MAIL_UID, MAIL_UID)
+    with open(case_dir / "msg", "wb") as file:
+        file.write(MESSAGE)
+    with open(case_dir / "msg", "rb") as stdin, open(case_dir / "err", "wb") as err:
+        result = compartment.filtering.filter_message(
+            ["/bin/cat"], Policy.load("filter", {"identity.uid_pool": HOSTILE_POOL}),
+            stdin=stdin.fileno(), output=str(spool / "out" / "message"), stderr=err.fileno())
+    assert result.outcome is Outcome.INTERNAL_ERROR and result.exit_status == 75
+    assert "is a symbolic link owned by uid 61235" in result.reason
+    assert list(protected.iterdir()) == []

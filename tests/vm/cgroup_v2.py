@@ -13,7 +13,7 @@ initramfs of busybox and the modules for 9p and ext4; its root is this machine's
 read-only, with tmpfs on /tmp, /run and /var/cache/compartment and a scratch ext4 disk on
 /var/tmp (the page-cache test needs a disk); cgroup2 is mounted alone at /sys/fs/cgroup, every
 controller on it, and the tests run as root in the root cgroup, as on a host without systemd.
-Then `compartment check`, and section 8 of the bench (what a cgroup adds per delivery).
+Then `compartment check`, and section 9 of the bench (what a cgroup adds per delivery).
 Exit status: pytest's, 2 when the VM cannot run here.
 """
 
@@ -48,7 +48,7 @@ chroot /host /bin/sh -c 'cd {tree} && export PYTHONDONTWRITEBYTECODE=1 TMPDIR=/v
   uname -r; grep -v "^0::/$" /proc/self/cgroup; cat /sys/fs/cgroup/cgroup.controllers
   .venv/bin/python -m pytest -p no:cacheprovider -q -rs -s {tests}; status=$?
   .venv/bin/python -m compartment check | grep "limits enforced"
-  .venv/bin/python bench/bench.py --quick --only 8 | sed -n "/== 8/,/bench took/p"
+  .venv/bin/python bench/bench.py --quick --only 9 | sed -n "/== 9/,/bench took/p"
   echo "VM-EXIT=$status"'
 poweroff -f
 """
