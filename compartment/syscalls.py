@@ -118,7 +118,9 @@ class _CloneArgs(ctypes.Structure):
 def clone_into_cgroup(flags: int, cgroup_fd: int) -> int:
     """clone() that creates the child in the cgroup v2 directory open at cgroup_fd: it is born
     there, never migrated.  The same fork-like contract as clone()."""
-    args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=SIGCHLD, cgroup=cgroup_fd)
+    # With CLONE_PARENT the child's exit signal is its new parent's choice: clone3 wants 0.
+    exit_signal = 0 if flags & CLONE_PARENT else SIGCHLD
+    args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=exit_signal, cgroup=cgroup_fd)
     return _check(_clone_syscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args),
                                  ctypes.c_size_t(ctypes.sizeof(args))), "clone3", hex(flags))
 

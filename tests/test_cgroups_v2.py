@@ -79,6 +79,32 @@ def test_remove_kills_what_is_left_with_cgroup_kill(v2_core):
     assert not os.path.exists(cgroup.dirs[0][1])
 
 
+def test_the_spawner_clones_for_its_parent_into_the_cgroup(v2_core):
+    """compartment serve's spawner clones with CLONE_PARENT: the compartment is the daemon's
+    child, born in its cgroup all the same."""
+    cgroup = cgroups.create(Policy.load("filter").limits)
+    said_r, said_w = os.pipe()
+    spawner = os.fork()
+    if spawner == 0:
+        try:
+            pid = syscalls.clone_into_cgroup(syscalls.CLONE_PARENT, cgroup.clone_fd)
+            if pid == 0:
+                time.sleep(60)
+            else:
+                os.write(said_w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(said_w)
+    os.waitpid(spawner, 0)
+    pid = int(os.read(said_r, 32) or b"0")
+    os.close(said_r)
+    assert pid, "clone3 with CLONE_PARENT failed"
+    assert str(pid) in Path(cgroup.dirs[0][1], "cgroup.procs").read_text().split()
+    cgroup.close_fds()
+    cgroup.remove()  # kills it
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # this process's child
+
+
 def test_sweep_on_v2(v2_core):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
