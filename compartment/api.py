@@ -207,7 +207,7 @@ def _outcome(watch: Watch, policy: Policy, cpu_s: float,
 
 def killed_reason(watch: Watch, limits: Limits) -> str:
     """Why the watch killed the compartment (watch.killed_for), in one line."""
-    return {Outcome.TIMEOUT: f"timed out after {limits.wall_timeout_s:g} s",
+    return {Outcome.TIMEOUT: f"timed out: limits.wall_timeout_s = {limits.wall_timeout_s:g}",
             Outcome.CPU_LIMIT: _cpu_reason(limits),
             Outcome.MEMORY_LIMIT: _memory_reason(limits),
             Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",

@@ -67,6 +67,9 @@ class Filesystem:
         listing(abspath, "absolute paths"), (), "other paths shown read-only at the same place")
     writable: tuple[str, ...] = field(
         listing(abspath, "absolute paths"), (), "directories shown read-write at the same place")
+    create_maildir: bool = field(
+        boolean, False, "make a missing writable directory as a Maildir (cur, new, tmp), as "
+        "the owner of its parent, never as root")
     tmp_bytes: int = field(size, 16 << 20, "bytes of the private tmpfs at /tmp; 0: no /tmp")
     proc: bool = field(boolean, False, "mount a /proc that shows only the compartment")
     devices: tuple[str, ...] = field(

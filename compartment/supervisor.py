@@ -11,6 +11,7 @@ uid released -> classify -> report.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -162,9 +163,10 @@ def _compartment(policy: Policy, program: str | None, opened: dict[str, int],
     return Prepared(plan, compiled, lease, -1, None, opened, trees, cgroup)
 
 
-def open_named(policy: Policy) -> dict[str, int]:
+def open_named(policy: Policy, for_run: bool = False) -> dict[str, int]:
     """An O_PATH descriptor of every path the policy names, resolved once (compartment.paths);
-    the plan takes the type, the owner and the mount from these."""
+    the plan takes the type, the owner and the mount from these.  Only `for_run` makes a
+    missing Maildir (filesystem.create_maildir): `check` and `learn` change nothing."""
     opened: dict[str, int] = {}
     trusted = paths.trusted_owners()
     try:
@@ -173,11 +175,33 @@ def open_named(policy: Policy) -> dict[str, int]:
                 try:
                     opened[path] = paths.open_path(path, trusted=trusted)
                 except paths.PathError as err:
-                    raise ConfigError(f"filesystem.{kind}: {err}") from None
+                    missing = err.errno == errno.ENOENT and kind == "writable"
+                    if not (missing and for_run and policy.filesystem.create_maildir):
+                        raise ConfigError(f"filesystem.{kind}: {err}") from None
+                    opened[path] = _made_maildir(path, trusted)
     except BaseException:
         close_all(opened)
         raise
     return opened
+
+
+def _made_maildir(path: str, trusted: Collection[int]) -> int:
+    """filesystem.create_maildir: the missing `path` made as a Maildir by the owner of its
+    parent (compartment.maildir), from the parent's descriptor; then opened like any other."""
+    from compartment import maildir  # only when a Maildir is missing
+
+    parent_path, name = os.path.split(path)
+    try:
+        parent = paths.open_path(parent_path, trusted=trusted)
+    except paths.PathError as err:
+        raise ConfigError(f"filesystem.writable: {err}") from None
+    try:
+        maildir.create(parent, name, path)
+        return paths.open_path(path, trusted=trusted)
+    except (maildir.MaildirError, paths.PathError) as err:
+        raise ConfigError(f"filesystem.create_maildir: {err}") from None
+    finally:
+        os.close(parent)
 
 
 def describe_root(policy: Policy, program: str | None = None) -> rootfs.Plan:
@@ -208,7 +232,7 @@ def close_all(opened: dict[str, int], trees: list[int] | None = None) -> None:
 
 def _open_paths(name: str, search: str, policy: Policy) -> tuple[str, dict[str, int]]:
     """The program and every named path, each opened once: (program, path -> descriptor)."""
-    opened = open_named(policy)
+    opened = open_named(policy, for_run=True)
     try:
         program, program_fd = resolve(name, search)
     except BaseException:

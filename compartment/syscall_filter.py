@@ -1,7 +1,8 @@
 """The syscall filter: the policy's seccomp section compiled into a BPF program, once.
 
 Supervisor side, before clone (the child only loads the result: compartment.confine.seccomp).
-The policy's groups and names become a BPF program through libseccomp (pyseccomp).  Compiling
+The policy's groups and names become a BPF program through libseccomp (pyseccomp, or the
+Debian package's python3-seccomp, libseccomp's own bindings with the same API).  Compiling
 costs tens of milliseconds, mostly in importing pyseccomp, so the program and its syscall-name
 table are cached by a hash of everything they depend on.  The cache is root's alone
 (/var/cache/compartment/seccomp, readable by all): written only by root, read by root and
@@ -178,11 +179,21 @@ def compile_learning_filter(spec: Seccomp, network: Network,
     return _compile(spec, network, watched)
 
 
+def libseccomp() -> Any:
+    """libseccomp's Python bindings: PyPI's pyseccomp (make setup, make install), else the
+    Debian package's python3-seccomp, libseccomp's own, whose API pyseccomp copies."""
+    try:
+        import pyseccomp
+    except ImportError:
+        import seccomp as pyseccomp
+    return pyseccomp
+
+
 @functools.lru_cache(maxsize=8)
 def compile_prison(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> CompiledFilter:
     """Caller side of compartment.isolate, once per set of extras (the zygote never loads
     libseccomp): PRISON, plus a policy's seccomp.allow, minus its seccomp.deny."""
-    import pyseccomp  # slow: once per process
+    pyseccomp = libseccomp()  # slow: once per process
 
     _refuse_walls(allow)
     sockets = set(expand(allow)) & _SOCKET_CALLS
@@ -215,7 +226,7 @@ def _refuse_walls(allow: tuple[str, ...]) -> None:
 
 def _compile(spec: Seccomp, network: Network,
              watched: frozenset[str] = frozenset()) -> CompiledFilter:
-    import pyseccomp  # slow (ctypes.util.find_library): only on a cache miss
+    pyseccomp = libseccomp()  # slow (ctypes.util.find_library): only on a cache miss
 
     notify = pyseccomp.NOTIFY
     denied = set(expand(BASELINE + spec.deny))
@@ -261,11 +272,12 @@ def _export(ps: Any, flt: Any) -> CompiledFilter:
         flt.export_bpf(out)
         out.seek(0)
         bpf = out.read()
-    arch = ps.system_arch()
     names = {}
     for nr in range(1024):
         try:
-            names[nr] = ps.resolve_syscall(arch, nr).decode()
+            # NATIVE, not system_arch(): libseccomp's own bindings take the arch as a C int,
+            # which x86-64's token (0xc000003e) overflows.
+            names[nr] = ps.resolve_syscall(ps.Arch.NATIVE, nr).decode()
         except (OSError, ValueError, RuntimeError):
             continue
     return CompiledFilter(bpf, names)

@@ -158,9 +158,12 @@ def close_range_cloexec(first: int) -> None:
          ctypes.c_uint(CLOSE_RANGE_CLOEXEC), detail=str(first))
 
 
-def pidfd_send_signal(pidfd: int, signum: int) -> None:
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9: the target's process group
+
+
+def pidfd_send_signal(pidfd: int, signum: int, flags: int = 0) -> None:
     _raw("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(signum), None,
-         ctypes.c_uint(0), detail=str(signum))
+         ctypes.c_uint(flags), detail=str(signum))
 
 
 def default_signal(signum: int) -> None:

@@ -13,10 +13,14 @@ Supervisor side, one thread, one poll() loop over descriptors only:
   its writes fail with EBADF as they would unconfined (and, unlike a closed number, no file
   it opens lands there and takes what it meant for the caller).
 Every byte counts against limits.output_bytes; past it, at the deadline, or on a violation the
-whole compartment is killed through the pidfd.  Under a cgroup the CPU time of the whole
-compartment is read at times planned from the budget left (it cannot be spent sooner than that
-budget over the number of CPUs), and the compartment is killed once it has used it all; on
-cgroup v1 the kernel's word that it ran out of memory (an eventfd) kills it whole too.
+compartment is killed: first the agent's process group, through the pidfd of the agent its init
+handed over, so that the init reaps them and reports what the compartment used (CPU, peak
+memory) as after any run; then, should it not be empty KILL_GRACE_S later (a process that left
+the group), or at once when the agent is already gone, the init itself, with which the kernel
+kills the rest.  Under a cgroup the CPU time of the whole compartment is read at times planned
+from the budget left (it cannot be spent sooner than that budget over the number of CPUs), and
+the compartment is killed once it has used it all; on cgroup v1 the kernel's word that it ran
+out of memory (an eventfd) ends it too, as memory.oom.group does on v2.
 
 A Watch never blocks and owns no loop of its own: `wanted()` says which descriptors it waits on
 and for what, `on_event` takes what poll() reported, `check_deadline` is called whenever the
@@ -42,7 +46,7 @@ from collections.abc import Callable
 
 from compartment import cgroups, message, syscalls
 from compartment.confine.errors import RECORD, SetupError
-from compartment.confine.init import EMPTY_RECORD, EMPTY_TAG, EXIT_RECORD, EXIT_TAG
+from compartment.confine.init import AGENT_RECORD, EMPTY_RECORD, EMPTY_TAG, EXIT_RECORD, EXIT_TAG
 from compartment.confine.seccomp import LISTENER_RECORD
 from compartment.exits import Outcome
 from compartment.policy import Limits
@@ -51,6 +55,7 @@ DIAGNOSTIC_BYTES = 4096
 PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
 _SPILL_READ = 65536 - DIAGNOSTIC_BYTES  # with the diagnostics kept, one empty pipe's worth
+KILL_GRACE_S = 0.05  # for the init to reap the agent's killed group before it is killed too
 _CPUS = os.cpu_count() or 1
 _CPU_CHECK_MIN_S = 0.01  # near the end of the budget: the overshoot is at most this per CPU
 
@@ -77,9 +82,10 @@ class Watch:
         if self.out_w >= 0:
             with contextlib.suppress(OSError):  # over the per-user pipe budget: slower
                 fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        self.pid = self.pidfd = self.listener = -1
+        self.pid = self.pidfd = self.listener = self.agent_pidfd = -1
         self.status: socket.socket | None = None
         self.deadline = self.started = self.ended = 0.0
+        self.kill_deadline: float | None = None  # when the init is killed after the agent
         self.bytes_out = 0
         self.diagnostics = bytearray()
         self.killed_for: Outcome | None = None  # why we killed it; the caller's failure is ours
@@ -149,14 +155,16 @@ class Watch:
             self._handlers[self.listener] = self._on_notification
 
     def check_deadline(self) -> None:
-        if self.killed_for is None and time.monotonic() >= self.deadline:
+        now = time.monotonic()
+        if self.killed_for is None and now >= self.deadline:
             self.kill(Outcome.TIMEOUT)
-        running = self.killed_for is None and self.rusage is None
-        if running and time.monotonic() >= self.cpu_check_at:
+        elif self.kill_deadline is not None and now >= self.kill_deadline:
+            self._kill_init()
+        if self.killed_for is None and self.rusage is None and now >= self.cpu_check_at:
             left_s = self.limits.cpu_seconds - self.cgroup.cpu_seconds()
             if left_s <= 0:
                 self.kill(Outcome.CPU_LIMIT)
-            self.cpu_check_at = time.monotonic() + max(left_s / _CPUS, _CPU_CHECK_MIN_S)
+            self.cpu_check_at = now + max(left_s / _CPUS, _CPU_CHECK_MIN_S)
 
     def commit(self, caller_out: int) -> None:
         """A compartment started ahead of its request (compartment.isolate's prisons) gets it:
@@ -178,6 +186,8 @@ class Watch:
     def poll_ms(self) -> int | None:
         """How long the loop may sleep for this watch: until the deadline, which holds while
         the agent runs or its output waits for the caller."""
+        if self.kill_deadline is not None:
+            return max(0, math.ceil((self.kill_deadline - time.monotonic()) * 1000))
         waiting = self.rusage is None or self.caller_out in self._handlers
         if self.killed_for or not waiting:
             return None
@@ -185,9 +195,22 @@ class Watch:
         return max(0, math.ceil((until - time.monotonic()) * 1000))
 
     def kill(self, why: Outcome) -> None:
-        self.killed_for = self.killed_for or why  # the first reason is the one reported
+        """End the compartment; the first reason is the one reported, a second call changes
+        nothing."""
         # Waiting for a caller that does not read: what the agent wrote is not delivered now.
         self._handlers.pop(self.caller_out, None)
+        if self.killed_for:
+            return
+        self.killed_for = why
+        if self.agent_pidfd >= 0 and _kill_group(self.agent_pidfd):
+            self.kill_deadline = time.monotonic() + KILL_GRACE_S
+        else:
+            self._kill_init()  # no agent to start from: the whole compartment at once
+
+    def _kill_init(self) -> None:
+        self.kill_deadline = None
+        if self.rusage is not None or self.pidfd < 0:
+            return  # the compartment is empty already: only the init's own exit is left
         try:
             syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -219,6 +242,8 @@ class Watch:
                 self.listener = fd
                 if self.cgroup:  # the child is past its cgroup steps, the agent about to exec:
                     cgroups.make_spare(self.limits)  # spare time
+            elif data == AGENT_RECORD and self.agent_pidfd < 0:
+                self.agent_pidfd = fd
             else:
                 os.close(fd)  # only the listener is ever sent, and only once
         if len(data) == RECORD.size:
@@ -227,7 +252,7 @@ class Watch:
             self.agent_wait_status = EXIT_RECORD.unpack(data)[1]
         elif len(data) == EMPTY_RECORD.size and data.startswith(EMPTY_TAG):
             return self._on_empty(data)
-        elif data and data != LISTENER_RECORD:
+        elif data and data not in (LISTENER_RECORD, AGENT_RECORD):
             self.setup_error = SetupError("internal", "status", 0, f"bad record of {len(data)}")
         return bool(data)
 
@@ -373,11 +398,11 @@ class Watch:
 
     def close(self) -> None:
         for fd in (self.out_r, self.out_w, self.err_r, self.err_w, self.pidfd, self.listener,
-                   self._pending, self.unwritable):
+                   self._pending, self.unwritable, self.agent_pidfd):
             if fd >= 0:
                 os.close(fd)
         self.out_r = self.out_w = self.err_r = self.err_w = self.pidfd = self.listener = -1
-        self._pending = self.unwritable = -1
+        self._pending = self.unwritable = self.agent_pidfd = -1
         self._handlers = {}  # events still queued for closed descriptors are dropped
         if self.status is not None:
             self.status.close()
@@ -400,6 +425,25 @@ def sync(poller: select.poll, registered: dict[int, int], wanted: dict[int, int]
         if registered.get(fd) != events:
             poller.register(fd, events)  # registering again modifies
             registered[fd] = events
+
+
+def _kill_group(agent_pidfd: int) -> bool:
+    """SIGKILL to the agent's process group (the agent leads it: it made its own session),
+    resolved by the kernel from the pidfd, so never another group that took the number; on a
+    kernel without that (before 6.9) the agent alone.  False: the agent is gone already."""
+    try:
+        syscalls.pidfd_send_signal(agent_pidfd, signal.SIGKILL,
+                                   syscalls.PIDFD_SIGNAL_PROCESS_GROUP)
+    except ProcessLookupError:
+        return False
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        try:
+            syscalls.pidfd_send_signal(agent_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+    return True
 
 
 def _pending(fd: int) -> int:

@@ -128,7 +128,7 @@ def Policy_allowing(*calls):  # noqa: N802 - reads as the policy it builds
 
 
 @pytest.mark.parametrize(("probe", "limits", "outcome", "reason"), [
-    ("loop", {"wall_timeout_s": 1}, Outcome.TIMEOUT, "timed out after 1 s"),
+    ("loop", {"wall_timeout_s": 1}, Outcome.TIMEOUT, "timed out: limits.wall_timeout_s = 1"),
     ("loop", {"cpu_seconds": 1, "wall_timeout_s": 20}, Outcome.CPU_LIMIT,
      "used its 1 s of CPU (limits.cpu_seconds)"),
     ("allocate", {"memory_bytes": "128M"}, Outcome.MEMORY_LIMIT,
@@ -419,7 +419,7 @@ def test_unprivileged_as_nobody():
     assert said["execute"] == ["violation", "execve"]
     assert said["read_descriptor"] == ["violation", "read"]
     assert [outcome for outcome, _ in said["allocate"]] == ["memory-limit"] * 2
-    assert said["loop"] == [["timeout", "timed out after 1 s"]] * 2
+    assert said["loop"] == [["timeout", "timed out: limits.wall_timeout_s = 1"]] * 2
     assert said["raise_value_error"] == [["agent-failed", "ValueError: bad header: X-Evil"]] * 2
     facts = said["facts"]
     assert (facts["root_links"], facts["stat_etc"], facts["pid"]) == (2, "ENOENT", 1)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,54 @@ def test_timeout_kills_the_whole_compartment():
                     overrides={"limits.wall_timeout_s": "0.3"})
     assert ran.result.outcome is Outcome.TIMEOUT and ran.result.exit_status == 75
     assert 0.3 <= ran.result.wall_s < 2
-    assert ran.stderr.startswith(b"4.4.7 compartment: timed out after 0.3 s")
+    # The reason names the setting to change and its value.
+    assert ran.stderr.startswith(b"4.4.7 compartment: timed out: limits.wall_timeout_s = 0.3\n")
+
+
+# Touches 96 MiB, burns 0.3 s of CPU, then writes without end: killed for its output.
+USES_THEN_FLOODS = """\
+import sys, time
+memory = bytearray(96 << 20)
+for i in range(0, len(memory), 4096):
+    memory[i] = 1
+while time.process_time() < 0.3:
+    pass
+while True:
+    sys.stdout.write("x" * 65536)
+"""
+
+
+# The agent itself, or a shell whose child does the work: the child is in the agent's
+# process group, killed with it and reaped by the init, so it is counted too.
+AGENTS_THAT_USE = {"agent": [PYTHON, "-c", USES_THEN_FLOODS],
+                   "agent's child": ["/bin/sh", "-c", '"$0" -c "$1"; :', PYTHON,
+                                     USES_THEN_FLOODS]}
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "unprivileged"])
+@pytest.mark.parametrize("who", AGENTS_THAT_USE)
+def test_a_killed_run_reports_what_the_agent_used(as_nobody, who):
+    """The compartment is ended by killing the agent's process group first, so the report of
+    a killed run carries the CPU time and peak memory they used, not only the init's."""
+    argv = AGENTS_THAT_USE[who]
+    overrides = ["limits.output_bytes=1M", "limits.memory_bytes=512M"]
+    if not as_nobody:
+        ran = run_agent(argv, overrides=overrides)
+        record = json.loads(ran.result.to_json())
+    else:
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as reports:  # pytest's is root's
+            os.chown(reports, 65534, 65534)
+            report = Path(reports, "report.jsonl")
+            command = [sys.executable, "-m", "compartment", "run", "--report", str(report),
+                       *(f"--set={o}" for o in overrides), "--", *argv]
+            subprocess.run(command, user=65534, group=65534, extra_groups=[],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120,
+                           check=False)
+            record = json.loads(report.read_text())
+    assert record["outcome"] == "output-limit", record
+    assert record["cpu_s"] >= 0.3, record
+    assert record["peak_memory_bytes"] >= 96 << 20, record
+    assert record["bytes_out"] == (1 << 20) + 1, record
 
 
 def test_output_limit_kills_a_flood():
@@ -69,7 +117,7 @@ def test_one_pipe_for_stdout_and_stderr_gets_the_reason_first(tmp_path):
         both.seek(0)
         text = both.read()
     assert result.outcome is Outcome.TIMEOUT
-    assert text.startswith(b"4.4.7 compartment: timed out") and b"chatter" in text
+    assert text.startswith(b"4.4.7 compartment: timed out: ") and b"chatter" in text
 
 
 def test_require_full_read_keeps_a_message_the_agent_ignored(tmp_path):
@@ -371,8 +419,8 @@ def test_child_still_busy_at_the_deadline_is_a_timeout():
                     overrides={"limits.wall_timeout_s": "0.5"})
     assert (ran.result.outcome, ran.result.exit_status) == (Outcome.TIMEOUT, 75)
     assert ran.result.agent_status == 0
-    assert ran.stderr == (b"4.4.7 compartment: timed out after 0.5 s (the agent had exited 0; "
-                          b"a process it left was still running)\n")
+    assert ran.stderr == (b"4.4.7 compartment: timed out: limits.wall_timeout_s = 0.5 (the "
+                          b"agent had exited 0; a process it left was still running)\n")
 
 
 # --- every way out of the installed command is a contract status -------------------------

@@ -12,6 +12,9 @@ compartment is empty: work the agent
 left to a child (the rest of a filter's output, a delivery written in the background) is
 finished as it would be unconfined, never cut off and reported as done.  The supervisor's
 deadline bounds it: a compartment still busy then is killed whole, and that is a timeout.
+First it hands the supervisor a pidfd of the agent, so that a run the supervisor kills
+(timeout, violation, output) ends like any other: the agent's process group is killed, this
+init reaps it and reports what the compartment used (CPU time, peak memory) for the report.
 
 Child side, pid 1, after every confinement step but seccomp and the late limits, which are the
 agent's own: it has the agent's uid, no capabilities, and holds no descriptor but the status
@@ -33,6 +36,7 @@ EXIT_TAG = b"exited"
 # tag, user and system CPU in microseconds, peak resident memory in KiB: the whole compartment's
 EMPTY_RECORD = struct.Struct("8sQQQ")
 EMPTY_TAG = b"empty"
+AGENT_RECORD = b"agent"  # with the agent's pidfd (SCM_RIGHTS)
 
 
 def run(agent: int, status: socket.socket) -> None:
@@ -41,6 +45,9 @@ def run(agent: int, status: socket.socket) -> None:
     keep = status.fileno()
     os.closerange(0, keep)
     os.closerange(keep + 1, 1 << 20)
+    agent_pidfd = os.pidfd_open(agent)
+    socket.send_fds(status, [AGENT_RECORD], [agent_pidfd])
+    os.close(agent_pidfd)
     while True:
         try:
             pid, wait_status = os.waitpid(-1, 0)

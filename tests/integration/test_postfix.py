@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pwd
-import re
 import shutil
 import subprocess
 import tempfile
@@ -110,42 +107,35 @@ def _main_cf() -> list[str]:
     return settings
 
 
-# The after-queue content filter of examples/postfix, installed with this site's paths.
-# Mail submitted on FILTER_PORT goes through examples/agents/add-header.sh in a compartment
-# and is re-injected with sendmail -G -i; on FAILING_FILTER_PORT the "filter" is a hostile
-# agent, and the original must stay in the queue.
+# The after-queue content filter of examples/postfix (spamassassin.master.cf), with this site's
+# paths and other filters: mail submitted on FILTER_PORT goes through
+# examples/agents/add-header.sh in a compartment and is re-injected by `compartment filter
+# --reinject`; on FAILING_FILTER_PORT the "filter" is a hostile agent, and the original must
+# stay in the queue.
 FILTER_PORT = 10025
 FAILING_FILTER_PORT = 10026
-FILTER_SPOOL = SITE / "filter-spool"
 EXAMPLES = REPO / "examples"
 
 
-def _install_content_filter(name: str, filter_program: Path) -> Path:
-    """examples/postfix/content-filter.sh with this site's paths in its three constants."""
-    values = {"COMPARTMENT": compartment_command(), "FILTER": str(filter_program),
-              "SPOOL": str(FILTER_SPOOL)}
-    text = (EXAMPLES / "postfix" / "content-filter.sh").read_text()
-    for key, value in values.items():
-        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.MULTILINE)
-        assert count == 1, f"content-filter.sh no longer sets {key} on one line"
-    script = AGENTS / name
-    script.write_text(text)
-    script.chmod(0o755)
-    return script
+def _content_filter_entry(service: str, program: Path) -> str:
+    """The example's pipe entry, its argv cut at `--`, with this site's compartment and filter."""
+    example = (EXAMPLES / "postfix" / "spamassassin.master.cf").read_text()
+    fields = " ".join(line.strip() for line in example.splitlines()
+                      if line.strip() and not line.startswith("#")).split()
+    argv = fields[fields.index("argv=/usr/local/bin/compartment"):fields.index("--")]
+    assert argv[1:4] == ["filter", "-p", "spamassassin"], argv
+    assert "--reinject" in argv and {"flags=Rq", "user=filter", "null_sender="} <= set(fields)
+    options = [o for o in argv[4:] if not o.startswith("/var/spool/") and o != "--report"]
+    return (f"{service} unix - n n - 10 pipe flags=Rq user={PIPE_USER} null_sender= "
+            f"argv={compartment_command()} filter -p filter {' '.join(options)} -- {program}")
 
 
 def _configure_content_filters() -> None:
-    entry = pwd.getpwnam(PIPE_USER)
-    FILTER_SPOOL.mkdir(mode=0o700)
-    os.chown(FILTER_SPOOL, entry.pw_uid, entry.pw_gid)
     filters = [("ct-filter", FILTER_PORT, AGENTS / "add-header.sh"),
                ("ct-filter-fail", FAILING_FILTER_PORT, AGENTS / "socket_inet.py")]
     for service, port, program in filters:
-        script = _install_content_filter(f"{service}.sh", program)
-        # As in examples/postfix/master.cf: null_sender= and "-f ${sender} -- ${recipient}".
-        run_checked(["postconf", "-M", f"{service}/unix={service} unix - n n - 10 pipe "
-                     f"flags=Rq user={PIPE_USER} null_sender= "
-                     f"argv={script} -f ${{sender}} -- ${{recipient}}"])
+        run_checked(["postconf", "-M", f"{service}/unix=" + _content_filter_entry(service,
+                                                                                  program)])
         run_checked(["postconf", "-M", f"127.0.0.1:{port}/inet=127.0.0.1:{port} inet n - n - - "
                      f"smtpd -o content_filter={service}:dummy"])
         run_checked(["postconf", "-e", f"{service}_time_limit={MTA_TIME_LIMIT_S}s"])
@@ -155,7 +145,8 @@ def _example_mailbox_command() -> str:
     """mailbox_command from examples/postfix/main.cf (as postconf reads it), with this
     site's paths.  local(8) runs it as PIPE_USER, whose $HOME/Maildir is MAILDIR."""
     with tempfile.TemporaryDirectory() as config:
-        Path(config, "main.cf").write_text((EXAMPLES / "postfix" / "main.cf").read_text())
+        Path(config, "main.cf").write_text(
+            (EXAMPLES / "postfix" / "mailbox-command.main.cf").read_text())
         command = run_checked(["postconf", "-c", config, "-h", "mailbox_command"]).stdout.strip()
     for installed, here in (("/usr/local/bin/compartment", compartment_command()),
                             ("/usr/local/libexec/compartment/", f"{AGENTS}/")):
@@ -241,8 +232,8 @@ def mta(site: None) -> Iterator[PostfixDriver]:
 
 
 def test_content_filter_reinjects_filtered_message(mta: PostfixDriver) -> None:
-    """examples/postfix/content-filter.sh: the confined filter's output is re-injected with
-    sendmail -G -i and delivered; the original content is intact below the added header."""
+    """The example's `compartment filter --reinject` entry: the confined filter's output is
+    re-injected with sendmail -G -i and delivered; the original is intact below the header."""
     message = corpus("filter", SENDER, "deliver.test")[2]  # multipart/alternative
     submit_smtp(message, port=FILTER_PORT)
     delivered = wait_for(lambda: read_maildir(MAILDIR).get(message.marker),
@@ -274,16 +265,17 @@ def test_mailbox_command_delivers(mta: PostfixDriver) -> None:
 
 
 def test_examples_parse(mta: PostfixDriver, tmp_path: Path) -> None:
-    """examples/postfix/main.cf and master.cf (added to Debian's master.cf) are read by
+    """Each recipe's main.cf and master.cf pieces (added to Debian's master.cf) are read by
     postconf without a warning."""
     config = tmp_path / "postfix"
     shutil.copytree("/etc/postfix", config)
-    # main.cf: the example alone; master.cf: the installed one (Debian's) plus the example.
-    (config / "main.cf").write_text((EXAMPLES / "postfix" / "main.cf").read_text())
+    pieces = sorted((EXAMPLES / "postfix").glob("*.cf"))
+    (config / "main.cf").write_text("".join(p.read_text() for p in pieces
+                                            if p.name.endswith(".main.cf")))
     with (config / "master.cf").open("a") as master:
-        master.write((EXAMPLES / "postfix" / "master.cf").read_text())
+        master.write("".join(p.read_text() for p in pieces if p.name.endswith(".master.cf")))
     for option in ("-n", "-M", "-P"):
         result = run_checked(["postconf", "-c", str(config), option])
         assert "warning" not in result.stderr, result.stderr
     entries = run_checked(["postconf", "-c", str(config), "-M"]).stdout
-    assert "compartment-maildir unix" in entries and "compartment-filter unix" in entries
+    assert "compartment-maildir unix" in entries and "compartment-spamassassin unix" in entries
