@@ -6,8 +6,9 @@ downloaded packages are kept too).  Every command runs chrooted into it inside a
 namespace of its own (unshare), with its own /proc, /dev, /sys, /run and /tmp, so nothing of
 the host's state (the uid leases under /run/compartment, the seccomp cache) is seen or
 touched, and nothing is left mounted; the host's cgroup hierarchies are bound in, as a real
-system has them (a root run needs a cgroup of its own below its own).  The root is bind-mounted on itself, so that it is a
-mount point and compartment's pivot_root works inside it, as it would on a real system.
+system has them (a root run needs a cgroup of its own below its own).  The root is
+bind-mounted on itself, so that it is a mount point and compartment's pivot_root works inside
+it, as it would on a real system.
 """
 
 from __future__ import annotations
