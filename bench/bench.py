@@ -14,6 +14,7 @@ Sections (numbers as in issue 5):
   7 compartment.isolate: a function per call in a prison, against in-process and against
     exec'ing python3 under compartment.run (issue 12)
   8 the resident supervisor: compartment submit and compartment.submit vs bwrap (issue 10)
+  9 what a cgroup per compartment adds to one delivery (limits.enforcement cgroup vs rlimits)
 Benchmarks are not tests: the exit status is 0 whatever the verdicts, 1 only if the bench broke.
 """
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import baseline
 import measure
 import sections_api
+import sections_cgroup
 import sections_daemon
 import sections_fronts
 import sections_isolate
@@ -53,6 +55,7 @@ class Sizes:
         self.timeout_runs = 2 if quick else 8
         self.import_runs = 3 if quick else 15
         self.isolate_rounds, self.isolate_warmup = (15, 3) if quick else (100, 5)
+        self.cgroup_rounds = 60 if quick else 300
 
 
 class Context:
@@ -161,7 +164,8 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "6": sections_other.import_time,
     "7": sections_isolate.isolated,
     "8": sections_daemon.daemon_path,
-    "9": sections_fronts.fronts,
+    "9": sections_cgroup.cgroup_cost,
+    "10": sections_fronts.fronts,
 }
 
 

@@ -31,6 +31,7 @@ import baseline
 STEPS = (
     ("prepare done", "compartment.supervisor", "prepare", "after"),
     ("clone returned (parent)", "compartment.syscalls", "clone", "after-parent"),
+    ("cgroup joined", "compartment.confine.cgroup", "enter", "after"),
     ("namespaces done", "compartment.confine.namespaces", "enter", "after"),
     ("filesystem done", "compartment.confine.filesystem", "enter", "after"),
     ("capabilities.restrict done", "compartment.confine.capabilities", "restrict", "after"),
@@ -47,6 +48,8 @@ STEPS = (
     ("init reaped the agent", "compartment.confine.init", "os.waitpid", "after"),
     ("init exiting", "compartment.confine.init", "os._exit", "before"),
     ("supervisor saw init gone", "compartment.watch", "Watch._on_exit", "before"),
+    ("cgroup read", "compartment.watch", "Watch._on_exit", "after"),
+    ("cgroup retired", "compartment.cgroups", "Cgroup.retire", "after"),
 )
 LABELS = ("run() called", *(step[0] for step in STEPS), "run() returned")
 _stamps = mmap.mmap(-1, 8 * len(LABELS))  # MAP_SHARED | MAP_ANONYMOUS: shared across clone
@@ -104,7 +107,7 @@ def main() -> None:
     import compartment
 
     missing = _install()
-    policy = compartment.Policy.load("filter")
+    policy = compartment.Policy.load("filter", sys.argv[2:])  # e.g. limits.enforcement=rlimits
     message = os.memfd_create("message")
     os.write(message, b"x" * (10 << 10))
     out, err = baseline.discard_sinks()

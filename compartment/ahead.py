@@ -27,7 +27,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from compartment import supervisor, syscalls, uidpool
+from compartment import supervisor, syscalls
 from compartment.confine.errors import RECORD, SetupError
 from compartment.policy import Policy
 from compartment.spawner import Spawner
@@ -155,10 +155,7 @@ class Ahead:
 
     def _release(self, spare: Spare) -> None:
         spare.close()
-        lease: uidpool.Lease | None = spare.prepared.lease
-        if lease:
-            lease.release()
-            spare.prepared.lease = None
+        spare.prepared.release()  # its cgroup, then its uid
 
     def waiting(self) -> bool:
         """Is anything of ours still to be reaped (the daemon's stop waits for it)?"""

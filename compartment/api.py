@@ -147,7 +147,9 @@ def agent_reason(code: int | None) -> str:
 def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[str],
               caller: Convention, agent: Convention) -> Result:
     usage = watch.rusage or resource.struct_rusage((0.0,) * 16)
-    cpu_s = usage.ru_utime + usage.ru_stime
+    cpu_s, peak_bytes = usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+    if watch.usage:  # the cgroup's: the compartment's own tree, every process and the kernel's
+        cpu_s, peak_bytes = watch.usage.cpu_s, watch.usage.peak_memory_bytes or peak_bytes
     outcome, reason, code, signum = _outcome(watch, policy, cpu_s, agent)
     stdin_fd, offset = prepared.stdin_fd, prepared.stdin_offset
     if outcome is Outcome.OK and policy.exit.require_full_read and \
@@ -167,7 +169,7 @@ def _classify(watch: Watch, prepared: Prepared, policy: Policy, argv: Sequence[s
                   program=prepared.plan.program, argv=tuple(argv), uid=prepared.plan.uid,
                   agent_status=code, agent_signal=signum, denied_syscall=watch.denied_syscall,
                   cpu_s=round(cpu_s, 6), wall_s=round(watch.ended - watch.started, 6),
-                  peak_memory_bytes=usage.ru_maxrss * 1024, bytes_in=bytes_in,
+                  peak_memory_bytes=peak_bytes, bytes_in=bytes_in,
                   bytes_out=watch.bytes_out)
 
 
@@ -183,6 +185,10 @@ def _outcome(watch: Watch, policy: Policy, cpu_s: float,
         internal = watch.setup_error.step == "internal"
         return (Outcome.INTERNAL_ERROR if internal else Outcome.CONFIG_ERROR,
                 f"cannot start the agent: {watch.setup_error.text()}", None, None)
+    if (watch.usage and watch.usage.oom_kills) or watch.killed_for is Outcome.MEMORY_LIMIT:
+        # The kernel killed in the compartment (the agent, a child of it, even the init), or
+        # was about to: a process was cut off, whatever the agent's status says.
+        return Outcome.MEMORY_LIMIT, _memory_reason(limits), None, signum
     if watch.agent_wait_status is None and not watch.killed_for:
         return (Outcome.INTERNAL_ERROR, "the compartment's init ended without the agent's "
                 f"status (wait status {status:#x})", None, None)
@@ -202,6 +208,8 @@ def _outcome(watch: Watch, policy: Policy, cpu_s: float,
 def killed_reason(watch: Watch, limits: Limits) -> str:
     """Why the watch killed the compartment (watch.killed_for), in one line."""
     return {Outcome.TIMEOUT: f"timed out: limits.wall_timeout_s = {limits.wall_timeout_s:g}",
+            Outcome.CPU_LIMIT: _cpu_reason(limits),
+            Outcome.MEMORY_LIMIT: _memory_reason(limits),
             Outcome.OUTPUT_LIMIT: f"wrote more than {limits.output_bytes} bytes of output",
             Outcome.VIOLATION: f"seccomp violation: {watch.denied_syscall} is not allowed",
             Outcome.INTERNAL_ERROR: watch.caller_error}[watch.killed_for]
@@ -213,7 +221,7 @@ def signalled(signum: int, cpu_s: float, limits: Limits) -> tuple[Outcome, str]:
         return (Outcome.VIOLATION, "killed by the seccomp filter (a syscall of another ABI such "
                 "as i386 or x32)")
     if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= limits.cpu_seconds):
-        return Outcome.CPU_LIMIT, f"used its {limits.cpu_seconds} s of CPU"
+        return Outcome.CPU_LIMIT, _cpu_reason(limits)
     if signum == signal.SIGXFSZ:
         return Outcome.SIGNAL, f"killed by SIGXFSZ: wrote a file past {limits.file_bytes} bytes"
     return Outcome.SIGNAL, f"killed by {signal_name(signum)}"
@@ -224,6 +232,19 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:  # a real-time signal other than SIGRTMIN and SIGRTMAX has no name
         return f"signal {signum}"
+
+
+def _cpu_reason(limits: Limits) -> str:
+    return f"used its {limits.cpu_seconds} s of CPU (limits.cpu_seconds)"
+
+
+def _memory_reason(limits: Limits) -> str:
+    count, unit = limits.memory_bytes, "bytes"
+    for name, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            count, unit = count >> shift, name
+            break
+    return f"used its {count} {unit} of memory (limits.memory_bytes)"
 
 
 def _fully_read(fd: int, offset: int | None) -> bool:

@@ -305,10 +305,12 @@ def _check(args: argparse.Namespace) -> int:
         policy = Policy.load(args.policy, args.set)
         compiled = compile_filter(policy.seccomp, policy.network)
         root = describe_root(policy)
+        enforcement = _enforcement(policy.limits.enforcement)
     except (PolicyError, FilterError, PlanError, ConfigError) as err:
         say(f"compartment check: {err}\n")
         return EX_CONFIG
     print(policy.to_toml(), end="")
+    print(f"\n# limits enforced by {enforcement}")
     print(f"\n# seccomp: {len(compiled.bpf) // 8} BPF instructions")
     print("# the agent's root on this machine (besides the program itself):")
     for entry in root.entries:
@@ -318,6 +320,31 @@ def _check(args: argparse.Namespace) -> int:
     if root.tmp_bytes:
         print(f"#   tmpfs   /tmp ({root.tmp_bytes} bytes)")
     return 0
+
+
+def _enforcement(enforcement: str) -> str:
+    """How a run by this caller would bound memory, processes and CPU; raises PolicyError or
+    ConfigError when it could not run at all."""
+    from compartment import cgroups
+    from compartment.policy import PolicyError
+    from compartment.supervisor import uses_cgroup
+
+    if not uses_cgroup(enforcement, os.geteuid() != 0):
+        why = "unprivileged" if enforcement == "auto" else 'limits.enforcement = "rlimits"'
+        return (f"rlimits only ({why}): RLIMIT_AS, RLIMIT_CPU per process, RLIMIT_NPROC per "
+                "uid; the kernel's memory is not counted")
+    try:
+        found = cgroups.find()
+    except cgroups.Unavailable as err:
+        raise PolicyError(f'limits.enforcement = "{enforcement}": no usable cgroup: '
+                          f"{err}") from None
+    cpu = {1: "cpuacct", 2: "cpu.stat"}  # what counts CPU time on v1, on v2
+
+    def shown(h: cgroups.Hierarchy) -> str:
+        names = sorted(cpu[h.version] if c == cgroups.CPU else c for c in h.serves)
+        return (f"cgroup v{h.version}: {', '.join(names)} below {h.base}"
+                + (f", the supervisor moving into {h.leaf}" if h.leaf else ""))
+    return f"a cgroup per compartment ({'; '.join(shown(h) for h in found)})"
 
 
 def _policies() -> int:

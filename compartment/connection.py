@@ -52,7 +52,7 @@ class Delivery:
 
     def close(self) -> None:
         """Idempotent.  The watch first: closing it reaps the init (killing it if need be),
-        after which nothing of the uid is left and its lease may go."""
+        after which nothing of the compartment is left: its cgroup and its uid lease may go."""
         if self.watch is not None:
             self.watch.close()
         if self.status is not None:
@@ -62,9 +62,8 @@ class Delivery:
         if self.prepared is not None:
             self.prepared.close_paths()
         self.stack.close()
-        if self.prepared is not None and self.prepared.lease:
-            self.prepared.lease.release()
-            self.prepared.lease = None
+        if self.prepared is not None:
+            self.prepared.release()  # its cgroup, then its uid
         for fd in self.fds:  # first of what the client sees: a relay waits for their end
             os.close(fd)
         self.fds = []

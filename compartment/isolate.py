@@ -373,7 +373,9 @@ def _check_prison(policy: Policy) -> None:
               "nothing in filesystem.readable, writable, devices, proc or tmp_bytes"),
              (policy.seccomp.default != "kill", 'seccomp.default = "kill"'),
              (bool(policy.descriptors.pass_), "no descriptors.pass"),
-             (policy.identity.uid == "owner", 'identity.uid "pool" or a number')]
+             (policy.identity.uid == "owner", 'identity.uid "pool" or a number'),
+             # a prison has no cgroup of its own yet: its limits are rlimits
+             (policy.limits.enforcement == "cgroup", 'limits.enforcement "auto" or "rlimits"')]
     for bad, wanted in wrong:
         if bad:
             raise PolicyError(f"{policy.source}: isolate() runs the function in the prison "

@@ -92,14 +92,25 @@ class Identity:
 class Limits:
     wall_timeout_s: float = field(
         seconds, 300.0, "seconds of wall-clock time before the compartment is killed")
-    cpu_seconds: int = field(count, 60, "CPU seconds (RLIMIT_CPU)")
-    memory_bytes: int = field(size, 1 << 30, "address space in bytes (RLIMIT_AS)")
+    cpu_seconds: int = field(
+        count, 60, "CPU seconds of the whole compartment (cgroup), and of each process "
+        "(RLIMIT_CPU)")
+    memory_bytes: int = field(
+        size, 1 << 30, "memory of the whole compartment in bytes, kernel memory and files in "
+        "its /tmp included, no swap (cgroup); address space per process (RLIMIT_AS: this, or "
+        "twice this under a cgroup)")
     file_bytes: int = field(size, 64 << 20, "largest file the agent may write (RLIMIT_FSIZE)")
     open_files: int = field(count, 64, "descriptors (RLIMIT_NOFILE)")
     processes: int = field(
-        count, 64, "processes and threads of the compartment (RLIMIT_NPROC)")
+        count, 64, "processes and threads of the agent, itself included; 0 or 1: no fork "
+        "(cgroup pids.max, the init added; RLIMIT_NPROC per uid)")
     output_bytes: int = field(
         size, 64 << 20, "bytes the agent may write to stdout and stderr")
+    enforcement: str = field(
+        choice("auto", "cgroup", "rlimits"), "auto",
+        '"cgroup": a cgroup per compartment bounds memory, processes and CPU of the whole '
+        'compartment (root only; none usable is a configuration error); "rlimits": per-process '
+        'and per-uid rlimits only, a weaker mode; "auto": cgroup as root, rlimits unprivileged')
 
 
 @dataclass(frozen=True)

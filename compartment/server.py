@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from compartment import authorize, listening, message, protocol, serveconfig, uidpool, watch
+from compartment import authorize, cgroups, listening, message, protocol, serveconfig, watch
 from compartment.ahead import Ahead, Spare
 from compartment.api import _classify, agent_convention, failure, stderr_text
 from compartment.authorize import Refused
@@ -49,7 +49,7 @@ from compartment.policy import Policy
 from compartment.report import Result, append
 from compartment.serverlog import Log, Stats
 from compartment.spawner import Spawner
-from compartment.supervisor import ConfigError, NotShown, commit_request, prepare
+from compartment.supervisor import ConfigError, NotShown, Prepared, commit_request, prepare
 
 DEFAULT_SOCKET = "/run/compartment/socket"
 REQUEST_TIMEOUT_S = 10.0  # to send the request once connected: a silent client is dropped
@@ -69,14 +69,19 @@ class Server:
         self.stats = Stats(config_path)
         self.connections: dict[int, Connection] = {}
         self.spawning: list[Connection | Spare] = []  # in the order the spawner answers
-        # Inits of answered deliveries, exiting (pidfd -> pid, their uid's lease): reaped, and
-        # the uid released, after the client has its answer.
-        self.reaping: dict[int, tuple[int, uidpool.Lease | None]] = {}
+        # Inits of answered deliveries, exiting (pidfd -> pid, what the compartment holds: its
+        # cgroup, its uid's lease): reaped, and both released, after the client has its answer.
+        self.reaping: dict[int, tuple[int, Prepared]] = {}
         self.stopping = self.reload = False
         self.poller = select.poll()
         self.registered: dict[int, int] = {}
         self.activated = listening.activated()  # systemd's socket: its unit sets the mode
         self.listener = listening.listener(socket_path, self.config, self.activated)
+        # On cgroup v2 the daemon moves into its delegated cgroup's leaf before the spawner
+        # starts, which would otherwise stay in the cgroup to divide (cgroup_hierarchies.py);
+        # none usable (or no right to make one) is each run's configuration error, said then.
+        with contextlib.suppress(cgroups.Unavailable, OSError):
+            cgroups.layout()
         self.spawner = Spawner()
         self.ahead = Ahead(lambda: self.spawner, self.log.info)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -101,6 +106,7 @@ class Server:
             if self.stopping and self.ahead.ready:
                 self.ahead.drop_all()
         self.spawner.stop()
+        cgroups.release()  # the cgroups made ahead, and those of finished compartments
         listening.notify("STOPPING=1")
         self.log.info("stopped")
         return 0
@@ -171,11 +177,10 @@ class Server:
                 self._maybe_accept(conn, now)
 
     def _on_reaped(self, pidfd: int) -> None:
-        pid, lease = self.reaping.pop(pidfd)
+        pid, held = self.reaping.pop(pidfd)
         os.waitpid(pid, 0)  # readable pidfd: it has exited
         os.close(pidfd)
-        if lease:
-            lease.release()
+        held.release()
 
     def _on_wake(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -364,7 +369,8 @@ class Server:
         assert delivery is not None
         request, policy = delivery.request, delivery.policy
         delivery.prepared = prepared = prepare(request.argv, policy, std, request.env, opener)
-        delivery.watch = watch.Watch(policy.limits, std, prepared.compiled.names)
+        delivery.watch = watch.Watch(policy.limits, std, prepared.compiled.names,
+                                     cgroup=prepared.cgroup)
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         delivery.status = ours
@@ -393,7 +399,8 @@ class Server:
             self.ahead.give_back(spare)
             raise
         delivery.prepared, delivery.status = prepared, spare.status
-        delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names)
+        delivery.watch = watch_ = watch.Watch(policy.limits, std, prepared.compiled.names,
+                                              cgroup=prepared.cgroup)
         plan = prepared.plan
         commit.send(spare.status, plan.program, plan.argv, plan.env, self._handed(delivery, std))
         os.close(spare.pidfd)  # the watch opens its own
@@ -491,8 +498,9 @@ class Server:
         watch_ = delivery.watch
         if not watch_.reaped:  # the compartment is empty, its init exiting: reaped later
             pid, pidfd = watch_.release_init()
-            self.reaping[pidfd] = (pid, delivery.prepared.lease)
-            delivery.prepared.lease = None  # the uid is free once its init is reaped
+            # the cgroup goes and the uid is free once its init is reaped
+            self.reaping[pidfd] = (pid, replace(delivery.prepared))
+            delivery.prepared.lease = delivery.prepared.cgroup = None
         watch_.close()
         try:
             result = _classify(delivery.watch, delivery.prepared, delivery.policy,

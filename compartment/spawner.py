@@ -89,13 +89,16 @@ def encode(plan: Plan, status: int) -> tuple[bytes, list[int]]:
         return fds.index(fd)
 
     handed = tuple((target, index(source)) for target, source in plan.handed)
+    cgroup = (tuple(map(index, plan.cgroup_procs)),
+              index(plan.cgroup_fd) if plan.cgroup_fd >= 0 else -1)
     fs = plan.filesystem
     entries = tuple((*(getattr(entry, name) for name in _ENTRY_FIELDS),
                      index(entry.fd) if entry.fd >= 0 else -1) for entry in fs.entries)
     data = marshal.dumps((_VERSION, plan.unprivileged, plan.hostname, plan.network is not None,
                           plan.uid, plan.gid, (entries, fs.directories, fs.tmp_bytes, fs.proc),
                           plan.last_cap, tuple(map(tuple, plan.rlimits)), plan.seccomp.bpf,
-                          handed, plan.program, tuple(plan.argv), dict(plan.env), plan.commit))
+                          handed, plan.program, tuple(plan.argv), dict(plan.env), plan.commit,
+                          cgroup))
     return data, fds
 
 
@@ -106,13 +109,15 @@ _filters: dict[bytes, syscalls.PreparedFilter] = {}
 
 def decode(data: bytes, fds: list[int]) -> Plan:
     (version, unprivileged, hostname, shared_network, uid, gid, fs, last_cap, rlimits, bpf,
-     handed, program, argv, env, commit) = marshal.loads(data)
+     handed, program, argv, env, commit, (cgroup_procs, cgroup_fd)) = marshal.loads(data)
     if version != _VERSION:
         raise ValueError(f"plan version {version}, expected {_VERSION}")
     entries, directories, tmp_bytes, proc = fs
     if bpf not in _filters:  # laid out once per policy's filter, like the supervisor's cache
         _filters[bpf] = syscalls.PreparedFilter(bpf)
-    return Plan(unprivileged=unprivileged, hostname=hostname,
+    return Plan(unprivileged=unprivileged,
+                cgroup_procs=tuple(fds[index] for index in cgroup_procs),
+                cgroup_fd=fds[cgroup_fd] if cgroup_fd >= 0 else -1, hostname=hostname,
                 network=namespaces.shared_network() if shared_network else None,
                 uid=uid, gid=gid,
                 filesystem=rootfs.Plan(tuple(_entry(e, fds) for e in entries), directories,

@@ -4,8 +4,9 @@ message or the agent produced beyond fixed-size records (a setup-failure record 
 a seccomp notification from the kernel) and the wait status.
 
 Life cycle of one run (all in one thread, which is required for clone()):
-prepare (policy -> plan, uid lease, compiled filter, pipes) -> clone -> watch (pidfd, status
-socket, seccomp listener, output pipes, deadline) -> reap -> classify -> report.
+prepare (policy -> plan, uid lease, compiled filter, cgroup, pipes) -> clone -> watch (pidfd,
+status socket, seccomp listener, output pipes, deadline, CPU used) -> reap -> cgroup removed,
+uid released -> classify -> report.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from compartment import paths, rootfs, syscall_filter, syscalls, uidpool
+from compartment import cgroups, paths, rootfs, syscall_filter, syscalls, uidpool
 from compartment.confine import Plan, filesystem, namespaces, rlimits, scope, start
 from compartment.policy import Policy
 from compartment.watch import Watch
@@ -40,9 +41,21 @@ class Prepared:
     stdin_offset: int | None  # None when stdin is not a regular file
     opened: dict[str, int]  # the named paths and the program, open until the child has them
     trees: list[int]  # their detached mounts (root), as long
+    cgroup: cgroups.Cgroup | None = None  # None: limits.enforcement is rlimits
 
     def close_paths(self) -> None:
         close_all(self.opened, self.trees)
+
+    def release(self) -> None:
+        """Once the compartment's init is reaped: its cgroup goes, then its uid.  Idempotent.
+        If the cgroup still held processes after SIGKILL (something escaped the pid
+        namespace) this raises, and the uid stays leased, dirty, never reused as clean."""
+        cgroup, lease = self.cgroup, self.lease
+        self.cgroup = self.lease = None
+        if cgroup:
+            cgroup.retire()
+        if lease:
+            lease.release()
 
 
 # Opens the program (argv[0], the search path) and the paths a policy names: (program, path ->
@@ -114,7 +127,12 @@ def _compartment(policy: Policy, program: str | None, opened: dict[str, int],
     """What the policy (and the program, when known) decide: the root, the filter, the ids.
     Takes `opened` over: closed here on failure, by the caller after the clone otherwise."""
     unprivileged = os.geteuid() != 0
-    last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits)
+    try:
+        use_cgroup = uses_cgroup(policy.limits.enforcement, unprivileged)
+    except ConfigError:
+        close_all(opened)
+        raise
+    last_cap, rlimit_plan = syscalls.cap_last_cap(), rlimits.plan(policy.limits, use_cgroup)
     trees: list[int] = []
     try:
         fs = rootfs.plan(policy.filesystem, program, opened)
@@ -130,11 +148,19 @@ def _compartment(policy: Policy, program: str | None, opened: dict[str, int],
     except BaseException:
         close_all(opened, trees)
         raise
-    plan = Plan(unprivileged=unprivileged, hostname=f"compartment-{os.urandom(4).hex()}.invalid",
-                network=_network(policy, unprivileged), uid=uid, gid=gid, filesystem=fs,
-                last_cap=last_cap, rlimits=rlimit_plan, seccomp=compiled.prepared, handed=(),
-                program=program or "", argv=(), env={}, commit=commit)
-    return Prepared(plan, compiled, lease, -1, None, opened, trees)
+    network = _network(policy, unprivileged)
+    try:
+        cgroup = _cgroup(policy, lease) if use_cgroup else None
+    except ConfigError:
+        close_all(opened, trees)
+        raise
+    plan = Plan(unprivileged=unprivileged, cgroup_procs=cgroup.procs_fds if cgroup else (),
+                cgroup_fd=cgroup.clone_fd if cgroup else -1,
+                hostname=f"compartment-{os.urandom(4).hex()}.invalid", network=network,
+                uid=uid, gid=gid, filesystem=fs, last_cap=last_cap, rlimits=rlimit_plan,
+                seccomp=compiled.prepared, handed=(), program=program or "", argv=(), env={},
+                commit=commit)
+    return Prepared(plan, compiled, lease, -1, None, opened, trees, cgroup)
 
 
 def open_named(policy: Policy, for_run: bool = False) -> dict[str, int]:
@@ -246,7 +272,7 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         prepared.plan = replace(prepared.plan, seccomp=learner.compiled.prepared)
     try:
         watch = Watch(policy.limits, fds, prepared.compiled.names,
-                      learner.notified if learner is not None else None)
+                      learner.notified if learner is not None else None, prepared.cgroup)
         try:
             handed = [(0, fds[0]), *watch.agent_ends(),
                       *((fd, fd) for fd in policy.descriptors.pass_)]
@@ -259,9 +285,8 @@ def supervise(argv: Sequence[str], policy: Policy, fds: tuple[int, int, int],
         finally:
             watch.close()
     finally:
-        # After close(): the init has been reaped, so nothing of the uid is left.
-        if prepared.lease:
-            prepared.lease.release()
+        # After close(): the init has been reaped, so nothing of the compartment is left.
+        prepared.release()
     return watch, prepared
 
 
@@ -270,6 +295,27 @@ def _network(policy: Policy, unprivileged: bool) -> int | None:
     if unprivileged or policy.filesystem.proc or syscalls.landlock_abi() < scope.MIN_ABI:
         return None
     return namespaces.shared_network()
+
+
+def uses_cgroup(enforcement: str, unprivileged: bool) -> bool:
+    """Whether limits.enforcement asks for a cgroup for this caller."""
+    if enforcement == "cgroup" and unprivileged:
+        raise ConfigError('limits.enforcement = "cgroup": only root can make cgroups; '
+                          'unprivileged runs use "rlimits" (or "auto")')
+    return enforcement == "cgroup" or (enforcement == "auto" and not unprivileged)
+
+
+def _cgroup(policy: Policy, lease: uidpool.Lease | None) -> cgroups.Cgroup:
+    """Made last in the preparation: nothing after it can fail before it is released."""
+    try:
+        return cgroups.create(policy.limits)
+    except (cgroups.Unavailable, OSError) as err:
+        if lease:
+            lease.release()  # nothing ran as that uid
+        enforcement = policy.limits.enforcement
+        raise ConfigError(f'limits.enforcement = "{enforcement}": no usable cgroup: {err}'
+                          + ('; the weaker "rlimits" mode needs no cgroup'
+                             if enforcement == "auto" else "")) from None
 
 
 def _identity(policy: Policy, unprivileged: bool,

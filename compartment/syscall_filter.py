@@ -109,8 +109,10 @@ _NAMESPACE_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 
                     0x02000000, 0x00000080)  # CLONE_NEW{NS,UTS,IPC,USER,PID,NET,CGROUP,TIME}
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _SAFE_IOCTLS = (0x5401, 0x5413, 0x541B)  # TCGETS (isatty), TIOCGWINSZ, FIONREAD
-_AF_UNIX, _ENOSYS, _EOPNOTSUPP = 1, 38, 95
+_AF_UNIX, _ENOSYS, _EOPNOTSUPP, _EPERM = 1, 38, 95, 1
 _SOCKET_CALLS = frozenset({"socket", "socketpair"})
+# setsockopt(SOL_SOCKET, SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE)
+_SOL_SOCKET, _BUFFER_OPTIONS = 1, (7, 8, 32, 33)
 _S_ISUID, _S_ISGID, _O_CREAT, _O_TMPFILE = 0o4000, 0o2000, 0o100, 0o20000000
 _UNSUPPORTED = ("clone3", "openat2", "memfd_create", "memfd_secret", "shmget", "msgget",
                 "semget")
@@ -305,6 +307,12 @@ def _add_argument_rules(ps: Any, flt: Any, network: Network, allow_list: bool,
         for request in (_TIOCSTI, _TIOCLINUX):
             flt.add_rule(notify, "ioctl", arg(1, ps.MASKED_EQ, 0xFFFFFFFF, request))
         _deny_set_id_modes(ps, flt)
+        # Socket buffers stay at the system's default size (net.core.wmem_default): raised to
+        # net.core.wmem_max, a socket queues more kernel memory, which only a cgroup counts.
+        # Refused as the kernel refuses the FORCE variants without privilege: EPERM.
+        for option in _BUFFER_OPTIONS if "setsockopt" not in watched else ():
+            flt.add_rule(ps.ERRNO(_EPERM), "setsockopt", arg(1, ps.EQ, _SOL_SOCKET),
+                         arg(2, ps.EQ, option))
         # The compartment's init has the agent's uid, so prlimit64 could lower its hard CPU
         # limit and have the kernel kill it: a process may set its own limits (pid 0) only.
         with contextlib.suppress(OSError, ValueError, RuntimeError):  # denied outright already

@@ -17,7 +17,10 @@ compartment is killed: first the agent's process group, through the pidfd of the
 handed over, so that the init reaps them and reports what the compartment used (CPU, peak
 memory) as after any run; then, should it not be empty KILL_GRACE_S later (a process that left
 the group), or at once when the agent is already gone, the init itself, with which the kernel
-kills the rest.
+kills the rest.  Under a cgroup the CPU time of the whole compartment is read at times planned
+from the budget left (it cannot be spent sooner than that budget over the number of CPUs), and
+the compartment is killed once it has used it all; on cgroup v1 the kernel's word that it ran
+out of memory (an eventfd) ends it too, as memory.oom.group does on v2.
 
 A Watch never blocks and owns no loop of its own: `wanted()` says which descriptors it waits on
 and for what, `on_event` takes what poll() reported, `check_deadline` is called whenever the
@@ -41,7 +44,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from compartment import message, syscalls
+from compartment import cgroups, message, syscalls
 from compartment.confine.errors import RECORD, SetupError
 from compartment.confine.init import AGENT_RECORD, EMPTY_RECORD, EMPTY_TAG, EXIT_RECORD, EXIT_TAG
 from compartment.confine.seccomp import LISTENER_RECORD
@@ -53,12 +56,15 @@ PIPE_BYTES = 1 << 20
 _CHUNK = 1 << 20
 _SPILL_READ = 65536 - DIAGNOSTIC_BYTES  # with the diagnostics kept, one empty pipe's worth
 KILL_GRACE_S = 0.05  # for the init to reap the agent's killed group before it is killed too
+_CPUS = os.cpu_count() or 1
+_CPU_CHECK_MIN_S = 0.01  # near the end of the budget: the overshoot is at most this per CPU
 
 
 class Watch:
     def __init__(self, limits: Limits, fds: tuple[int, int, int], names: dict[int, str],
-                 learner: Callable[[int, bytes], None] | None = None) -> None:
-        self.limits, self.names = limits, names
+                 learner: Callable[[int, bytes], None] | None = None,
+                 cgroup: cgroups.Cgroup | None = None) -> None:
+        self.limits, self.names, self.cgroup = limits, names, cgroup
         # `compartment learn` only (compartment.learn.listener): it records and answers each
         # notification itself, and nothing is killed for one.  None on every delivery path.
         self.learner = learner
@@ -89,6 +95,9 @@ class Watch:
         self.agent_wait_status: int | None = None  # reported by the init
         self.rusage: resource.struct_rusage | None = None  # the compartment's, when it ended
         self.reaped = False  # the init waited for
+        self.usage: cgroups.Usage | None = None  # the cgroup's figures, once it is over
+        self.cpu_check_at = math.inf
+        self._oom_fd = -1
         self.caller_error = ""
         self._splice = True
         self._spilled = False  # merged output grew past diagnostics: now passed on as data
@@ -115,6 +124,12 @@ class Watch:
             self._handlers[self.out_r] = self._output_handler()
         if self.err_r >= 0:
             self._handlers[self.err_r] = self._on_diagnostics
+        if self.cgroup:
+            self.cgroup.close_fds()  # the child has its own copies
+            self.cpu_check_at = self.started + self.limits.cpu_seconds / _CPUS
+            self._oom_fd = self.cgroup.watch_oom()
+            if self._oom_fd >= 0:
+                self._handlers[self._oom_fd] = self._on_out_of_memory
 
     def wanted(self) -> dict[int, int]:
         """The descriptors to poll now, and for what."""
@@ -123,8 +138,9 @@ class Watch:
 
     @property
     def finished(self) -> bool:
-        # Once the agent is reaped and its pipes are drained, the listener has nothing to say.
-        return not set(self._handlers) - {self.listener}
+        # Once the agent is reaped and its pipes are drained, the listener (and the cgroup's
+        # memory) have nothing to say.
+        return not set(self._handlers) - {self.listener, self._oom_fd}
 
     def on_event(self, fd: int, events: int) -> None:
         handler = self._handlers.get(fd)
@@ -144,6 +160,11 @@ class Watch:
             self.kill(Outcome.TIMEOUT)
         elif self.kill_deadline is not None and now >= self.kill_deadline:
             self._kill_init()
+        if self.killed_for is None and self.rusage is None and now >= self.cpu_check_at:
+            left_s = self.limits.cpu_seconds - self.cgroup.cpu_seconds()
+            if left_s <= 0:
+                self.kill(Outcome.CPU_LIMIT)
+            self.cpu_check_at = now + max(left_s / _CPUS, _CPU_CHECK_MIN_S)
 
     def commit(self, caller_out: int) -> None:
         """A compartment started ahead of its request (compartment.isolate's prisons) gets it:
@@ -170,7 +191,8 @@ class Watch:
         waiting = self.rusage is None or self.caller_out in self._handlers
         if self.killed_for or not waiting:
             return None
-        return max(0, math.ceil((self.deadline - time.monotonic()) * 1000))
+        until = min(self.deadline, self.cpu_check_at if self.rusage is None else math.inf)
+        return max(0, math.ceil((until - time.monotonic()) * 1000))
 
     def kill(self, why: Outcome) -> None:
         """End the compartment; the first reason is the one reported, a second call changes
@@ -199,6 +221,17 @@ class Watch:
         self.reaped = True
         if self.rusage is None:  # not told already (the init was killed, or died)
             self.rusage, self.ended = usage, time.monotonic()
+            self._read_usage()
+        return False
+
+    def _read_usage(self) -> None:
+        """The cgroup's figures, once the compartment is empty (its init reaped, or exiting)."""
+        if self.cgroup and self.usage is None:
+            self.usage = self.cgroup.usage()
+
+    def _on_out_of_memory(self) -> bool:
+        """cgroup v1: the compartment ran out of memory; it ends whole, as on v2."""
+        self.kill(Outcome.MEMORY_LIMIT)
         return False
 
     def _on_status(self) -> bool:
@@ -207,6 +240,8 @@ class Watch:
         for fd in fds:
             if data == LISTENER_RECORD and self.listener < 0:
                 self.listener = fd
+                if self.cgroup:  # the child is past its cgroup steps, the agent about to exec:
+                    cgroups.make_spare(self.limits)  # spare time
             elif data == AGENT_RECORD and self.agent_pidfd < 0:
                 self.agent_pidfd = fd
             else:
@@ -229,6 +264,7 @@ class Watch:
         self.rusage = resource.struct_rusage((user_us / 1e6, system_us / 1e6, peak_kib,
                                               *(0,) * 13))
         self.ended = time.monotonic()
+        self._read_usage()
         self._handlers.pop(self.pidfd, None)
         return False  # nothing more to read on the status socket
 

@@ -178,18 +178,24 @@ def test_capabilities_all_sets_empty_and_securebits_locked():
     assert facts["securebits"] == 0b11101011
 
 
-def test_rlimits_are_the_policys():
+@pytest.mark.parametrize(("enforcement", "memory", "processes"), [
+    ("rlimits", 300 << 20, 10),  # the init counts
+    # under a cgroup, a second line the cgroup pre-empts: twice the limit, twice pids.max
+    ("cgroup", 600 << 20, 20),
+])
+def test_rlimits_are_the_policys(enforcement, memory, processes):
     overrides = {"limits.cpu_seconds": "7", "limits.memory_bytes": "300M",
-                 "limits.file_bytes": "1M", "limits.open_files": "33", "limits.processes": "9"}
+                 "limits.file_bytes": "1M", "limits.open_files": "33", "limits.processes": "9",
+                 "limits.enforcement": enforcement}
     limits = probe("facts", overrides=overrides).json()["rlimits"]
-    assert limits == {"RLIMIT_CPU": [7, 8], "RLIMIT_AS": [300 << 20] * 2,
+    assert limits == {"RLIMIT_CPU": [7, 8], "RLIMIT_AS": [memory] * 2,
                       "RLIMIT_FSIZE": [1 << 20] * 2, "RLIMIT_NOFILE": [33, 33],
-                      "RLIMIT_NPROC": [10, 10], "RLIMIT_CORE": [0, 0]}  # the init counts
+                      "RLIMIT_NPROC": [processes] * 2, "RLIMIT_CORE": [0, 0]}
 
 
 def test_rlimit_cpu_kills_a_spinning_agent():
     ran = run_agent([PYTHON, "-I", "-c", "while True: pass"],
-                    overrides={"limits.cpu_seconds": "1"})
+                    overrides={"limits.cpu_seconds": "1", "limits.enforcement": "rlimits"})
     assert ran.result.outcome is Outcome.CPU_LIMIT
     assert ran.result.exit_status == 75
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from compartment.api import _outcome
+from compartment.cgroups import Usage
 from compartment.confine.errors import SetupError
 from compartment.exits import (
     Convention,
@@ -69,10 +70,12 @@ def _wait_status(exit_code=None, signum=None):
     return exit_code << 8 if exit_code is not None else signum
 
 
-def _watch(status, killed_for=None, setup_error=None, denied=None):
+def _watch(status, killed_for=None, setup_error=None, denied=None, oom_kills=None):
+    usage = None if oom_kills is None else Usage(cpu_s=0.1, peak_memory_bytes=1 << 20,
+                                                 oom_kills=oom_kills)
     return SimpleNamespace(wait_status=0, agent_wait_status=status, killed_for=killed_for,
                            setup_error=setup_error, denied_syscall=denied,
-                           caller_error="stdout closed")
+                           caller_error="stdout closed", usage=usage)
 
 
 POLICY = Policy.load("filter", {"limits.cpu_seconds": "5"})
@@ -89,6 +92,12 @@ POLICY = Policy.load("filter", {"limits.cpu_seconds": "5"})
      Outcome.INTERNAL_ERROR),
     (_watch(_wait_status(signum=signal.SIGSYS)), 0.1, Outcome.VIOLATION),
     (_watch(_wait_status(signum=signal.SIGXCPU)), 5.0, Outcome.CPU_LIMIT),
+    (_watch(_wait_status(signum=signal.SIGKILL), Outcome.CPU_LIMIT), 5.0, Outcome.CPU_LIMIT),
+    # the memory cgroup's OOM killer acted: whatever it killed, even if the agent exited 0
+    (_watch(_wait_status(signum=signal.SIGKILL), oom_kills=1), 0.1, Outcome.MEMORY_LIMIT),
+    (_watch(_wait_status(0), oom_kills=1), 0.1, Outcome.MEMORY_LIMIT),
+    (_watch(None, oom_kills=2), 0.1, Outcome.MEMORY_LIMIT),
+    (_watch(_wait_status(0), oom_kills=0), 0.1, Outcome.OK),
     (_watch(_wait_status(signum=signal.SIGKILL)), 6.0, Outcome.CPU_LIMIT),
     (_watch(_wait_status(signum=signal.SIGKILL)), 0.1, Outcome.SIGNAL),
     (_watch(_wait_status(signum=signal.SIGSEGV)), 0.1, Outcome.SIGNAL),
@@ -102,13 +111,15 @@ def test_wait_status_to_outcome(watch, cpu_s, outcome):
     got, reason, code, signum = _outcome(watch, POLICY, cpu_s, S)
     assert got is outcome
     assert reason
+    if outcome is Outcome.MEMORY_LIMIT:
+        assert reason == "used its 1 GiB of memory (limits.memory_bytes)"
     if os.WIFSIGNALED(watch.wait_status) and not watch.setup_error:
         assert signum == os.WTERMSIG(watch.wait_status)
 
 
 def test_init_without_the_agents_status_is_an_internal_error():
     watch = SimpleNamespace(wait_status=0, agent_wait_status=None, killed_for=None,
-                            setup_error=None, denied_syscall=None, caller_error="")
+                            setup_error=None, denied_syscall=None, caller_error="", usage=None)
     assert _outcome(watch, POLICY, 0.0, S)[0] is Outcome.INTERNAL_ERROR
 
 

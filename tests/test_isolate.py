@@ -130,7 +130,7 @@ def Policy_allowing(*calls):  # noqa: N802 - reads as the policy it builds
 @pytest.mark.parametrize(("probe", "limits", "outcome", "reason"), [
     ("loop", {"wall_timeout_s": 1}, Outcome.TIMEOUT, "timed out: limits.wall_timeout_s = 1"),
     ("loop", {"cpu_seconds": 1, "wall_timeout_s": 20}, Outcome.CPU_LIMIT,
-     "used its 1 s of CPU"),
+     "used its 1 s of CPU (limits.cpu_seconds)"),
     ("allocate", {"memory_bytes": "128M"}, Outcome.MEMORY_LIMIT,
      "MemoryError (limits.memory_bytes is 134217728)"),
     ("recurse", {}, Outcome.AGENT_FAILED, "RecursionError: maximum recursion depth exceeded"),
@@ -225,6 +225,11 @@ def test_a_policy_that_is_not_a_prison_is_refused():
         isolate(prison_probes.echo, memory_bytes="lots")
     with pytest.raises(Failed, match="leaves the function less than 16 MiB"):
         isolate(prison_probes.echo, memory_bytes="1M")
+    from compartment import Policy
+
+    cgroup = Policy.load("strict", {"limits.enforcement": "cgroup"})  # a prison has none yet
+    with pytest.raises(PolicyError, match='needs limits.enforcement "auto" or "rlimits"'):
+        isolate(prison_probes.echo, cgroup)
 
 
 def test_a_pool_with_no_uid_left_is_a_config_error():

@@ -463,7 +463,9 @@ def test_a_compartment_prepared_ahead_is_confined_as_a_cloned_one(daemon):
         assert {k: v for k, v in facts.items() if k not in varying} == \
             {k: v for k, v in ran.items() if k not in varying}
         assert POOL[0] <= facts["uid"][0] <= POOL[1] and len(set(facts["uid"])) == 1
-    assert len({f["hostname"] for f in shown}) == len({f["uid"][0] for f in shown}) == 4
+    # Four compartments (each names itself anew); a pool uid released after its compartment was
+    # reaped may be leased again, so the uids need not all differ.
+    assert len({f["hostname"] for f in shown}) == 4
 
 
 # The daemon's own life.

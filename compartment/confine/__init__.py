@@ -5,33 +5,36 @@ execve() of the agent.  The first process takes every step itself, then forks th
 inherits all of it; the first process stays behind as the compartment's init (init.py).  The
 order, and why:
 
-1. namespaces    the shared network namespace joined (root) or user-namespace id maps
-                 (unprivileged), hostname: first, everything below happens inside them.
-2. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
-3. capabilities  bounding set emptied, securebits locked: needs CAP_SETPCAP, also before the
+1. cgroup        the compartment's cgroup v1 hierarchies joined (root, limits.enforcement not
+                 "rlimits"; on v2 the clone put it there): first, before anything allocates,
+                 forks or runs, so all of it is counted; it needs root, so before credentials.
+2. namespaces    the shared network namespace joined (root) or user-namespace id maps
+                 (unprivileged), hostname: everything below happens inside them.
+3. filesystem    mounts and pivot_root need CAP_SYS_ADMIN, so they come before the ids change.
+4. capabilities  bounding set emptied, securebits locked: needs CAP_SETPCAP, also before the
    (restrict)    ids change.
-4. credentials   groups, gid, uid, read back; the uid change clears the capability sets.
-5. capabilities  every set cleared and verified empty.
+5. credentials   groups, gid, uid, read back; the uid change clears the capability sets.
+6. capabilities  every set cleared and verified empty.
    (drop_all)
-6. rlimits       CPU, file size, core: lowering needs no privilege.
-7. session       setsid, signal dispositions reset, every signal blocked (for the init),
+7. rlimits       CPU, file size, core: lowering needs no privilege.
+8. session       setsid, signal dispositions reset, every signal blocked (for the init),
                  parent-death signal (after the uid change, which clears it), not dumpable.
-8. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
-9. scope         a Landlock domain that keeps abstract sockets to the compartment, when the
+9. no_new_privs  required by seccomp for an unprivileged process, and keeps setuid binaries inert.
+10. scope        a Landlock domain that keeps abstract sockets to the compartment, when the
                  network namespace is shared: needs no_new_privs.
    (commit)      a compartment the resident supervisor prepared ahead waits here for its
                  request's part: the descriptors, program, argv and environment (commit.py).
                  Everything above depends on the policy alone; everything below on the request.
-10. descriptors  0/1/2 and extras placed, the rest close on exec.
-11. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
+11. descriptors  0/1/2 and extras placed, the rest close on exec.
+12. init         fork: pid 1 stays behind, closes every descriptor but the status socket and
                  only waits; the agent is pid 2, an ordinary process: its own session, no
                  signal blocked.
-12. seccomp      in the agent alone, after the fork (a policy may refuse fork), last security
+13. seccomp      in the agent alone, after the fork (a policy may refuse fork), last security
                  step so the filter need not allow any of the above; the listener goes to the
                  supervisor.
-13. rlimits      descriptors, address space and processes, which would have starved the setup or
+14. rlimits      descriptors, address space and processes, which would have starved the setup or
    (late)        the init, or counted it; then every limit read back.
-14. exec         the program, by path, with the policy's environment; argv is a list, no shell.
+15. exec         the program, by path, with the policy's environment; argv is a list, no shell.
 
 Everything before the fork is done once, in the process that is already a copy of the
 supervisor, and the agent runs a few calls of Python between fork and exec, so that few of the
@@ -82,6 +85,7 @@ import prctl
 from compartment import rootfs, syscalls
 from compartment.confine import (
     capabilities,
+    cgroup,
     commit,
     credentials,
     descriptors,
@@ -106,6 +110,8 @@ class Plan:
     """Everything the child needs, computed by the supervisor before clone."""
 
     unprivileged: bool
+    cgroup_procs: Sequence[int]  # the compartment's v1 cgroup.procs, open for writing, or ()
+    cgroup_fd: int  # its v2 cgroup directory, which the clone puts the child in, or -1
     hostname: str
     network: int | None  # the shared network namespace, or None for one of its own
     uid: int
@@ -123,6 +129,7 @@ class Plan:
 
 def enter(plan: Plan, status: socket.socket) -> None:
     """Child, just cloned into new namespaces, privileged there; returns only by raising."""
+    cgroup.enter(plan.cgroup_procs)
     namespaces.enter(plan.unprivileged, plan.uid, plan.gid, plan.hostname, plan.network)
     filesystem.enter(plan.filesystem)
     capabilities.restrict(plan.last_cap)
@@ -158,7 +165,10 @@ def start(plan: Plan, status: socket.socket, flags: int = 0) -> int:
     gc.disable()
     try:
         own_network = plan.network is None
-        pid = syscalls.clone(namespaces.clone_flags(plan.unprivileged, own_network) | flags)
+        flags |= namespaces.clone_flags(plan.unprivileged, own_network)
+        # On cgroup v2 the child is born in its compartment's cgroup (cgroups.py).
+        pid = syscalls.clone_into_cgroup(flags, plan.cgroup_fd) if plan.cgroup_fd >= 0 \
+            else syscalls.clone(flags)
         if pid == 0:
             run_child(plan, status)  # never returns
     finally:

@@ -6,6 +6,12 @@ agent itself between fork and exec (`enter_late`), then every limit is read back
 init must not run short) and RLIMIT_NPROC (the fork of the agent would count against it).
 RLIMIT_NPROC counts per uid and user namespace: with a pool uid or a new user namespace it bounds
 this compartment alone, its init included, which the limit allows for.
+
+Under a cgroup (compartment/cgroups.py) the cgroup is the limit of the whole compartment, and
+the rlimits of the same quantities are a second line, set looser so that the cgroup, which
+counts exactly, acts first and the outcome names it: RLIMIT_AS (address space, per process) at
+twice memory_bytes, RLIMIT_NPROC (per uid) at twice the cgroup's pids.max.  RLIMIT_CPU stays at
+cpu_seconds: no process can use more than the compartment's total.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ _LATE = (resource.RLIMIT_NOFILE, resource.RLIMIT_AS, resource.RLIMIT_NPROC)
 Rlimits = Sequence[tuple[int, int, int]]  # (resource, soft, hard)
 
 
-def plan(limits: Limits) -> Rlimits:
+def plan(limits: Limits, cgroup: bool) -> Rlimits:
+    # The init has the agent's uid and counts as one of its processes.
+    processes = 2 * (max(limits.processes, 1) + 1) if cgroup else limits.processes + 1
+    memory = 2 * limits.memory_bytes if cgroup else limits.memory_bytes
+    memory = memory if memory < 1 << 63 else resource.RLIM_INFINITY  # twice a huge limit
     # The CPU soft limit sends SIGXCPU, which an agent may catch; the hard limit one second
     # later kills it for good.
     return ((resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
             (resource.RLIMIT_FSIZE, limits.file_bytes, limits.file_bytes),
-            # The init has the agent's uid and counts as one of its processes.
-            (resource.RLIMIT_NPROC, limits.processes + 1, limits.processes + 1),
+            (resource.RLIMIT_NPROC, processes, processes),
             (resource.RLIMIT_CORE, 0, 0),
             (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
-            (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+            (resource.RLIMIT_AS, memory, memory))
 
 
 def prison(limits: Limits, held_fds: int) -> Rlimits:

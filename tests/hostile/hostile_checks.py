@@ -1,7 +1,7 @@
 """Checks made outside after a hostile case ran: each returns what it found (empty when the
 case was contained).  A finding that starts with CLASS is about the exit class instead.
 
-Test side, root.  `prepare_*`-style hooks (plant_links, kmsg_open, sample_shmem, leak_fd,
+Test side, root.  `prepare_*`-style hooks (plant_links, kmsg_open, sample_host_memory, leak_fd,
 remember_agent_binary) run before the agent and record what the check compares against.
 """
 
@@ -21,6 +21,9 @@ SMALL_FILE = 4 << 20      # limits.file_bytes for the disk cases
 SMALL_OUTPUT = 1 << 20    # limits.output_bytes for the flood cases
 MEMFD_LIMIT = 256 << 20   # limits.memory_bytes of the memfd case, which holds up to 768 MiB
 DIAGNOSTIC_SLACK = 4096   # the runner's own reason line and the agent's last words
+BOMB_MEMORY = 64 << 20    # limits.memory_bytes of the tmpfs and socket-buffer bombs
+TMPFS_BYTES = 512 << 20   # filesystem.tmp_bytes of the tmpfs bomb
+DEFAULT_PROCESSES = 64    # limits.processes of the shipped filter policy
 
 
 def host_root_names(run: CaseRun) -> list[str]:
@@ -85,36 +88,87 @@ def total_written(run: CaseRun) -> list[str]:
     return []
 
 
-def _shmem_bytes() -> int:
+def _meminfo() -> dict[str, int]:
+    found = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Shmem:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        name, _, value = line.partition(":")
+        if name in ("Shmem", "MemAvailable"):
+            found[name] = int(value.split()[0]) * 1024
+    return found
 
 
-def sample_shmem(run: CaseRun) -> None:
-    """Watch the host's shared memory while the agent runs: memfd pages show up there."""
-    stop, peak = threading.Event(), [_shmem_bytes()]
-    base = peak[0]
+def sample_host_memory(run: CaseRun) -> None:
+    """Watch the host's memory while the agent runs: the highest Shmem (tmpfs and memfd pages)
+    and the lowest MemAvailable (kernel memory, socket buffers among it)."""
+    stop, base = threading.Event(), _meminfo()
+    extreme = dict(base)
 
     def watch() -> None:
         while not stop.wait(0.02):
-            peak[0] = max(peak[0], _shmem_bytes())
+            now = _meminfo()
+            extreme["Shmem"] = max(extreme["Shmem"], now["Shmem"])
+            extreme["MemAvailable"] = min(extreme["MemAvailable"], now["MemAvailable"])
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    run.extra["shmem"] = (stop, thread, base, peak)
+    run.extra["host"] = (stop, thread, base, extreme)
+
+
+def _host_grown(run: CaseRun) -> tuple[int, int]:
+    """(Shmem grown by, MemAvailable dropped by) while the agent ran."""
+    stop, thread, base, extreme = run.extra["host"]
+    stop.set()
+    thread.join()
+    return (extreme["Shmem"] - base["Shmem"],
+            base["MemAvailable"] - extreme["MemAvailable"])
+
+
+def _cgroup_acted(run: CaseRun, outcome: str) -> list[str]:
+    """As root the compartment's cgroup is the limit, and the outcome must name it."""
+    if run.case.user == "root" and run.seen.outcome != outcome:
+        return [CLASS + f"outcome {run.seen.outcome}: the cgroup should have ended it as "
+                f"{outcome}"]
+    return []
 
 
 def shmem_bounded(run: CaseRun) -> list[str]:
-    stop, thread, base, peak = run.extra["shmem"]
-    stop.set()
-    thread.join()
-    grown = peak[0] - base
+    grown, _ = _host_grown(run)
     if grown > MEMFD_LIMIT + (64 << 20):
         return [f"held {grown >> 20} MiB of host memory with limits.memory_bytes "
                 f"{MEMFD_LIMIT >> 20} MiB (memfd pages are not in RLIMIT_AS)"]
     return []
+
+
+def tmpfs_bounded(run: CaseRun) -> list[str]:
+    """Files in the compartment's /tmp are its memory: bounded by limits.memory_bytes under a
+    cgroup, by filesystem.tmp_bytes alone without (the unprivileged mode)."""
+    grown, _ = _host_grown(run)
+    root = run.case.user == "root"
+    bound = BOMB_MEMORY if root else TMPFS_BYTES
+    if grown > bound + (64 << 20):
+        return [f"held {grown >> 20} MiB of tmpfs pages with a bound of {bound >> 20} MiB"]
+    return _cgroup_acted(run, "memory-limit")
+
+
+def socket_memory_bounded(run: CaseRun) -> list[str]:
+    _, dropped = _host_grown(run)
+    if dropped > BOMB_MEMORY + (256 << 20):  # other tests share this host's memory
+        return [f"host memory fell by {dropped >> 20} MiB while the agent filled socket "
+                f"buffers, with limits.memory_bytes {BOMB_MEMORY >> 20} MiB"]
+    return _cgroup_acted(run, "memory-limit")
+
+
+def processes_bounded(run: CaseRun) -> list[str]:
+    """The bombs print how many processes or threads they made besides themselves."""
+    made = [int(n) for n in re.findall(rb"(?:forked|threads) (\d+)", run.seen.stdout)]
+    if any(n > DEFAULT_PROCESSES - 1 for n in made):
+        return [f"made {max(made)} processes or threads with limits.processes "
+                f"{DEFAULT_PROCESSES}"]
+    return []
+
+
+def cpu_total_bounded(run: CaseRun) -> list[str]:
+    return _cgroup_acted(run, "cpu-limit")
 
 
 def finished_if_success(run: CaseRun) -> list[str]:

@@ -5,8 +5,10 @@ apt uses (kept as a tarball under CACHE after the first run, and unpacked anew f
 downloaded packages are kept too).  Every command runs chrooted into it inside a mount
 namespace of its own (unshare), with its own /proc, /dev, /sys, /run and /tmp, so nothing of
 the host's state (the uid leases under /run/compartment, the seccomp cache) is seen or
-touched, and nothing is left mounted.  The root is bind-mounted on itself, so that it is a
-mount point and compartment's pivot_root works inside it, as it would on a real system.
+touched, and nothing is left mounted; the host's cgroup hierarchies are bound in, as a real
+system has them (a root run needs a cgroup of its own below its own).  The root is
+bind-mounted on itself, so that it is a mount point and compartment's pivot_root works inside
+it, as it would on a real system.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def in_root(root: Path, command: str, check: bool = True) -> subprocess.Complete
     """Run a shell command chrooted into root, in a mount namespace of its own."""
     setup = (f'set -e; r="{root}"; mount --bind "$r" "$r"; mount -t proc proc "$r/proc"; '
              'mount --rbind /dev "$r/dev"; mount -t sysfs sysfs "$r/sys"; '
+             # the host's cgroups, as a real system has them: root's runs need one
+             'mount --rbind /sys/fs/cgroup "$r/sys/fs/cgroup"; '
              'mount -t tmpfs tmpfs "$r/run"; mount -t tmpfs tmpfs "$r/tmp"; '
              f'mount --bind "{ARCHIVES}" "$r/var/cache/apt/archives"; '
              'exec chroot "$r" /bin/sh -c "$1"')

@@ -2,6 +2,8 @@
 #include "agent.h"
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
 
 static void sleep_forever(void) {
     for (;;) pause();
@@ -104,6 +106,55 @@ static int fill_many(const char *dir, long cap_mb, long per_file_mb) {
     return EX_TEMPFAIL;
 }
 
+/* Kernel memory: stream socket pairs filled until the kernel refuses, in `procs` processes
+ * (each with its own descriptors), cap_mb in all.  Raising SO_SNDBUF is tried first. */
+static long fill_sockets(long cap_bytes) {
+    long held = 0;
+    static char block[65536];
+    memset(block, 's', sizeof block);
+    for (;;) {
+        int pair[2];
+        if (held >= cap_bytes || socketpair(AF_UNIX, SOCK_STREAM, 0, pair) != 0) break;
+        int size = 8 << 20;
+        setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+        fcntl(pair[0], F_SETFL, O_NONBLOCK);
+        ssize_t n;
+        while (held < cap_bytes && (n = write(pair[0], block, sizeof block)) > 0) held += n;
+    }
+    return held;
+}
+
+static int socket_bomb(long cap_mb, int procs) {
+    long each = (cap_mb << 20) / procs;
+    for (int i = 1; i < procs; i++)
+        if (fork() == 0) {
+            fill_sockets(each);
+            sleep_forever();
+        }
+    printf("socket buffers: this process holds %ld MiB\n", fill_sockets(each) >> 20);
+    sleep_forever();
+    return EX_TEMPFAIL;
+}
+
+/* CPU spent by fresh processes one after another, each under a second of it. */
+static int spin_serial(int children, long ms_each) {
+    for (int i = 0; i < children; i++) {
+        pid_t pid = fork();
+        if (pid < 0) return refused("fork");
+        if (pid == 0) {
+            struct timespec start, now;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &start);
+            do clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+            while ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000
+                   < ms_each);
+            _exit(0);
+        }
+        waitpid(pid, NULL, 0);
+    }
+    printf("spent %ld ms of CPU in %d processes\n", children * ms_each, children);
+    return 0;
+}
+
 static int descriptors(void) {
     int count = 0;
     while (count < 1 << 20 && dup(0) >= 0) count++;
@@ -133,6 +184,8 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "memfd")) return memfd_bomb(atol(case_arg(1)), atol(case_arg(2)));
     if (!strcmp(mode, "fill-many"))
         return fill_many(case_arg(1), atol(case_arg(2)), atol(case_arg(3)));
+    if (!strcmp(mode, "sockets")) return socket_bomb(atol(case_arg(1)), atoi(case_arg(2)));
+    if (!strcmp(mode, "spin-serial")) return spin_serial(atoi(case_arg(1)), atol(case_arg(2)));
     if (!strcmp(mode, "stdout")) return flood(1);
     if (!strcmp(mode, "stderr")) return flood(2);
     fprintf(stderr, "resources: unknown mode %s\n", mode);
