@@ -36,6 +36,7 @@ import measure
 import sections_api
 import sections_cgroup
 import sections_daemon
+import sections_fronts
 import sections_isolate
 import sections_other
 import sections_timeout
@@ -164,6 +165,7 @@ SECTIONS: dict[str, Callable[[Context], list[Target]]] = {
     "7": sections_isolate.isolated,
     "8": sections_daemon.daemon_path,
     "9": sections_cgroup.cgroup_cost,
+    "10": sections_fronts.fronts,
 }
 
 

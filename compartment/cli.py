@@ -10,6 +10,7 @@
     compartment status [--socket PATH]
     compartment pyfilter [RUN OPTIONS] [--output PATH | --reinject ...] [--] MODULE:FUNCTION
     compartment learn | audit ...     (the policy tools: compartment.policy_tools)
+    compartment lmtp | milter ...     (the fronts: compartment.front_command)
 
 `run`, `filter` and `pyfilter` are what an MTA executes, so every way out of them is a contract
 status: a usage error, a help request, a crash of ours, a stdout that cannot be written,
@@ -72,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = functools.partial(_Parser, formatter_class=functools.partial(
         argparse.HelpFormatter, width=100))
     top = parser(prog="compartment", description="Run a mail agent confined by the kernel.",
-                 epilog="Policy tools: compartment learn --help, compartment audit --help.")
+                 epilog="Policy tools: compartment learn --help, compartment audit --help.  "
+                 "Fronts: compartment lmtp --help, compartment milter --help.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=parser)
     run = commands.add_parser("run", help="run PROGRAM confined, the message on stdin")
     filt = commands.add_parser("filter", help="run PROGRAM confined; its stdout is the new "
@@ -156,6 +158,10 @@ def main(argv: Sequence[str] | None = None, closed: frozenset[int] = frozenset()
         from compartment.policy_tools import main as tool
 
         return tool(args_list)
+    if args_list[:1] in (["lmtp"], ["milter"]):  # the fronts: daemons, with parsers of their own
+        from compartment.front_command import main as front
+
+        return front(args_list)
     try:
         args = _parser().parse_args(args_list)
     except UsageError as err:

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,31 @@ def test_an_unprivileged_user_runs_the_installed_command(installed):
                           cwd="/", timeout=60, check=False)
     assert (done.returncode, done.stdout) == (0, b"through the installed command\n"), \
         done.stderr
+
+
+def test_the_installed_lmtp_front_has_its_protocol_library(installed, tmp_path):
+    """make install brings the fronts' extra (aiosmtpd): the LMTP front starts as an
+    unprivileged user and stops on SIGTERM."""
+    prefix, _ = installed
+    directory = Path(tempfile.mkdtemp(prefix="compartment-lmtp-", dir="/var/tmp"))
+    try:
+        os.chown(directory, NOBODY, NOBODY)
+        log = directory / "front.log"
+        with log.open("wb") as stderr:
+            front = subprocess.Popen([str(prefix / "bin" / "compartment"), "lmtp", "--listen",
+                                      f"unix:{directory}/lmtp.sock", "--log", "stderr", "-p",
+                                      "filter", "--", "/bin/cat"], stderr=stderr, user=NOBODY,
+                                     group=NOBODY, extra_groups=[], cwd="/")
+        deadline = time.monotonic() + 30
+        while b"listening on" not in log.read_bytes() and front.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        front.terminate()
+        front.wait(30)
+        assert front.returncode == 0, log.read_bytes()
+        assert b"listening on unix:" in log.read_bytes() and b"stopped" in log.read_bytes()
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_everything_installed_is_world_readable_and_root_only_writable(installed):

@@ -30,6 +30,9 @@ from compartment.cli import _parser  # noqa: E402 - after the path to the tree
 DATE = "2026"  # changes only by hand: a date that moved on every build would always differ
 VERSION = "compartment 0.1.0"
 DAEMON_COMMANDS = ("serve",)
+# The fronts (compartment.front_command): daemons with parsers of their own, one page each, the
+# README's section on them as the description.
+FRONT_COMMANDS = ("lmtp", "milter")
 PROGRAM_HELP = ("the program run confined, by path with this argv, never through a shell; a "
                 "name without / is looked up on the policy's PATH")
 
@@ -196,18 +199,37 @@ def compartment_1() -> str:
 def daemon_8(name: str) -> str:
     """compartment-NAME(8) for a daemon command: its options, and docs/NAME.md's text."""
     sub = _subcommands(_parser())[name]
-    lines = [f'.TH COMPARTMENT\\-{name.upper()} 8 "{DATE}" "{VERSION}" '
-             '"System Administration"', ".SH NAME",
-             f"compartment\\-{name} \\- {roff_text(_command_help(_parser())[name])}",
-             ".SH SYNOPSIS", ".nf", roff_text(_usage(name, sub)), ".fi", ".SH OPTIONS"]
-    for action in sub._actions:
-        lines += _option_item(action)
+    lines = _page_8(name, _command_help(_parser())[name], sub)
     guide = REPO / "docs" / f"{name}.md"
     text = guide.read_text() if guide.exists() else _readme_section(f"`compartment {name}`")
     if text:
         lines += [".SH DESCRIPTION", *markdown_to_roff(text)]
     lines += [".SH SEE ALSO", r"\fBcompartment\fR(1), \fBcompartment\-policy\fR(5)"]
     return "\n".join(lines) + "\n"
+
+
+def front_8(name: str) -> str:
+    """compartment-NAME(8) for a front: its options, and the README's section on the fronts."""
+    from compartment.front_command import parser
+
+    sub = parser(name)
+    summary = (sub.description or "").split(",")[0].removeprefix("An ").removeprefix("A ")
+    lines = _page_8(name, summary, sub)
+    lines += [".SH DESCRIPTION", *markdown_to_roff(_readme_section("LMTP and milter fronts"))]
+    lines += [".SH SEE ALSO", r"\fBcompartment\fR(1), \fBcompartment\-serve\fR(8), "
+              r"\fBcompartment\-policy\fR(5)"]
+    return "\n".join(lines) + "\n"
+
+
+def _page_8(name: str, summary: str, sub: argparse.ArgumentParser) -> list[str]:
+    """A section 8 page's head: title, name, synopsis and options."""
+    lines = [f'.TH COMPARTMENT\\-{name.upper()} 8 "{DATE}" "{VERSION}" '
+             '"System Administration"', ".SH NAME",
+             f"compartment\\-{name} \\- {roff_text(summary)}",
+             ".SH SYNOPSIS", ".nf", roff_text(_usage(name, sub)), ".fi", ".SH OPTIONS"]
+    for action in sub._actions:
+        lines += _option_item(action)
+    return lines
 
 
 def _readme_section(naming: str) -> str:
@@ -312,6 +334,8 @@ def pages() -> dict[str, str]:
     for name in DAEMON_COMMANDS:
         if name in commands:
             found[f"compartment-{name}.8"] = daemon_8(name)
+    for name in FRONT_COMMANDS:
+        found[f"compartment-{name}.8"] = front_8(name)
     return found
 
 

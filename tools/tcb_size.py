@@ -23,6 +23,10 @@ LOADER = {"policy.py", "policy_fields.py", "syscall_filter.py", "rootfs.py"}
 # supervise's learner argument) are in the core's figure.
 TOOLS = {"audit.py", "policy_tools.py"}
 TOOL_DIRS = {"learn"}
+# The LMTP and milter fronts: unprivileged daemons, each under its own user, which parse the MTA's
+# protocol and hand every run to the resident supervisor through its client: counted apart.
+FRONTS = {"fronts.py", "front_command.py", "lmtp.py", "recipients.py", "milter.py",
+          "milter_protocol.py", "milter_edits.py"}
 
 
 def is_tool(path: Path) -> bool:
@@ -105,10 +109,11 @@ def main() -> int:
     in_daemon = closure([ROOT / name for name in DAEMON_ENTRY]) | {ROOT / "cli.py", command}
     for path, count in counts.items():
         side = "client, unprivileged" if path.name in CLIENT else \
-            "daemon" if path in in_daemon else "tool" if is_tool(path) else ""
+            "daemon" if path in in_daemon else "tool" if is_tool(path) else \
+            "front, unprivileged" if path.name in FRONTS else ""
         print(f"{count:6d}  {path.relative_to(ROOT.parent)}" + (f"  ({side})" if side else ""))
     groups = {"trusted core (supervisor, confinement, CLI glue)":
-              lambda p: p.name not in LOADER | DAEMON | CLIENT and not is_tool(p),
+              lambda p: p.name not in LOADER | DAEMON | CLIENT | FRONTS and not is_tool(p),
               "policy loader and its compilers (syscall filter, root plan)":
               lambda p: p.name in LOADER,
               "policy tools (learn, audit): not on the delivery path": is_tool,
@@ -116,7 +121,9 @@ def main() -> int:
               "spawner, protocol, authorization, config, log)": lambda p: p.name in DAEMON,
               "everything privileged in the resident supervisor's processes (all of the "
               "above it imports)": lambda p: p in in_daemon,
-              "submit client (unprivileged)": lambda p: p.name in CLIENT}
+              "submit client (unprivileged)": lambda p: p.name in CLIENT,
+              "LMTP and milter fronts (unprivileged, each its own user)":
+              lambda p: p.name in FRONTS}
     print()
     for title, member in groups.items():
         print(f"{sum(c for p, c in counts.items() if member(p)):6d}  {title}")
