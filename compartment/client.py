@@ -66,6 +66,9 @@ def command() -> None:
             path = args[2]
         elif len(args) == 2 and args[1].startswith("--socket="):
             path = args[1].partition("=")[2]
+        elif args[1:] in (["-h"], ["--help"]):  # asked for: the usage is the answer
+            _write(1, b"usage: compartment status [--socket PATH]\n")
+            posix._exit(0)
         elif len(args) > 1:
             _write(2, b"usage: compartment status [--socket PATH]\n")
             posix._exit(64)  # EX_USAGE: not a delivery

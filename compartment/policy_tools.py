@@ -35,9 +35,18 @@ class _Usage(Exception):
     pass
 
 
+class _Answered(Exception):
+    """--help was answered: nothing more to do."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _Usage(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        # argparse exits only after printing the help: that is an answer, not a failure, and
+        # a SystemExit would reach the command's catch-all as an internal error
+        raise _Answered
 
 
 def main(argv: Sequence[str]) -> int:
@@ -48,6 +57,8 @@ def main(argv: Sequence[str]) -> int:
     except _Usage as err:
         print(err, file=sys.stderr)
         return EX_USAGE
+    except _Answered:
+        return 0
     return _learn(options, argv) if tool == "learn" else _audit(options)
 
 
