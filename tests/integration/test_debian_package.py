@@ -144,12 +144,25 @@ def test_the_resident_supervisors_units_are_installed_and_the_socket_enabled(roo
     assert (root / "usr/share/man/man8/compartment-serve.8.gz").is_file()
 
 
-def test_etc_and_the_system_user(root):
+def test_etc_and_the_fronts_users(root):
     done = in_root(root, "stat -c '%U:%G %a' /etc/compartment /etc/compartment/policies; "
-                   "getent passwd compartment")
+                   "getent passwd compartment-lmtp compartment-milter; getent group compartment")
     lines = done.stdout.splitlines()
     assert lines[:2] == ["root:root 755", "root:root 755"]
-    assert lines[2].startswith("compartment:x:") and lines[2].endswith(":/usr/sbin/nologin")
+    for line, front in zip(lines[2:4], ("compartment-lmtp", "compartment-milter"), strict=True):
+        assert line.startswith(f"{front}:x:") and line.endswith(":/usr/sbin/nologin"), line
+    # the supervisor's socket group when the fronts are its clients: the fronts and no one else
+    assert lines[4].startswith("compartment:x:")
+    assert sorted(lines[4].split(":")[3].split(",")) == ["compartment-lmtp", "compartment-milter"]
+
+
+def test_the_fronts_units_are_installed_not_enabled(root):
+    units = root / "lib/systemd/system"
+    for front in ("compartment-lmtp", "compartment-milter"):
+        service = (units / f"{front}.service").read_text()
+        assert f"User={front}" in service and "ExecStart=/usr/bin/compartment " in service
+        assert "/usr/local" not in service + (units / f"{front}.socket").read_text()
+        assert not (root / "etc/systemd/system/sockets.target.wants" / f"{front}.socket").exists()
 
 
 def test_debian_seccomp_bindings_compile_the_same_filters(root):
@@ -176,7 +189,9 @@ def test_purge_removes_what_the_package_made(root):
     for path in ("usr/bin/compartment", "etc/compartment", "usr/libexec/compartment",
                  "var/cache/compartment", "usr/lib/python3/dist-packages/compartment",
                  "lib/systemd/system/compartment.socket",
+                 "lib/systemd/system/compartment-lmtp.service",
                  "etc/systemd/system/sockets.target.wants/compartment.socket"):
         assert not (root / path).exists(), path
-    left = in_root(root, "getent passwd compartment; getent group compartment", check=False)
+    left = in_root(root, "getent passwd compartment-lmtp compartment-milter; "
+                   "getent group compartment compartment-lmtp compartment-milter", check=False)
     assert left.stdout == ""
