@@ -24,10 +24,13 @@ BIG_BODY = 200 << 20
 SUPERVISOR_RSS_LIMIT = 120 << 20   # the CLI's interpreter plus buffers, far below the body
 
 
+def cli_argv(*sets: str) -> list[str]:
+    return [sys.executable, "-m", "compartment", "run", "-p", "filter", *SETS, *sets, "--",
+            "/bin/cat"]
+
+
 def cli(stdin: object, stdout: object = subprocess.PIPE, *sets: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "compartment", "run", "-p", "filter", *SETS,
-                             *sets, "--", "/bin/cat"], stdin=stdin, stdout=stdout,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(cli_argv(*sets), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
 
 
 @pytest.mark.parametrize("name", MESSAGES)
@@ -60,9 +63,8 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, file=sys.stderr)
 
 
 def test_big_body_does_not_grow_the_supervisor(case_dir: Path) -> None:
-    command = [sys.executable, "-m", "compartment", "run", "-p", "filter", *SETS,
-               # cat's output is the body again: let it through (limits.output_bytes is 64M)
-               "--set=limits.output_bytes=1G", "--", "/bin/cat"]
+    # cat's output is the body again: let it through (limits.output_bytes is 64M)
+    command = cli_argv("--set=limits.output_bytes=1G")
     with open(os.devnull, "wb") as sink:
         process = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, *command],
                                    stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.PIPE)
